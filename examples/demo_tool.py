@@ -1,0 +1,52 @@
+"""The demo tool server Regate fronts in `make demo`: four small tools.
+
+Nothing here does anything real: `shell` reports the command it would run,
+`payments` the transfer it would make. Run: `python examples/demo_tool.py PORT`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from aiohttp import web
+
+
+async def _args(request: web.Request) -> dict:
+    if request.can_read_body and request.content_type == "application/json":
+        return await request.json()
+    return dict(request.query)
+
+
+async def search(request: web.Request) -> web.Response:
+    args = await _args(request)
+    q = args.get("q", "")
+    return web.json_response({"tool": "search", "query": q, "results": [f"{q} — result {i}" for i in (1, 2)]})
+
+
+async def shell(request: web.Request) -> web.Response:
+    args = await _args(request)
+    return web.json_response({"tool": "shell", "would_run": args.get("command"), "exit_code": 0})
+
+
+async def files(request: web.Request) -> web.Response:
+    args = await _args(request)
+    return web.json_response({"tool": "files", "method": request.method, "path": args.get("path")})
+
+
+async def payments(request: web.Request) -> web.Response:
+    args = await _args(request)
+    return web.json_response({"tool": "payments", "would_pay": args.get("amount"), "to": args.get("to")})
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/search/{tail:.*}", search)
+    app.router.add_route("*", "/shell/{tail:.*}", shell)
+    app.router.add_route("*", "/files/{tail:.*}", files)
+    app.router.add_route("*", "/payments/{tail:.*}", payments)
+    app.router.add_get("/health", lambda r: web.json_response({"ok": True}))
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(make_app(), host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)

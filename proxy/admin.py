@@ -1,0 +1,79 @@
+"""The admin plane: health, readiness, metrics and operator actions, on its own port.
+
+`/admin/*` requires `Authorization: Bearer <admin.token>` when a token is
+configured; health and metrics stay open for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .app import Regate
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": {"code": code, "message": message, "decision_id": None, "reasons": []}}, status)
+
+
+def admin_app(regate: "Regate") -> web.Application:
+    app = web.Application()
+    token = regate.cfg.admin.token
+
+    @web.middleware
+    async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if token and request.path.startswith("/admin/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "unauthenticated", "admin API needs Authorization: Bearer <admin.token>")
+        return await handler(request)
+
+    app.middlewares.append(require_token)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = list(regate.ready_problems)
+        recorder = regate.recorder
+        if recorder is not None and not getattr(recorder, "healthy", True):
+            problems.append(f"audit: {getattr(recorder, 'problem', 'unwritable')}")
+        body = {
+            "ready": not problems,
+            "problems": problems,
+            "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
+            "tools": {t.name: t.upstream for t in regate.cfg.tools},
+            "worker": regate.worker_index,
+        }
+        return _json(body, 200 if not problems else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        if regate.metrics is None:
+            return _error(404, "metrics_off", "metrics are switched off in config (metrics: false)")
+        return web.Response(body=regate.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def reload(request: web.Request) -> web.Response:
+        ok, detail = await regate.reload()
+        if ok and os.environ.get("REGATE_SUPERVISOR_PID"):
+            # Under --workers N the other workers reload on the supervisor's SIGHUP.
+            os.kill(int(os.environ["REGATE_SUPERVISOR_PID"]), signal.SIGHUP)
+        if ok:
+            return _json({"reloaded": True, "revision": detail})
+        return _json({"reloaded": False, "revision": regate.engine.revision,
+                      "error": {"code": "reload_failed", "message": detail}}, 422)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/reload", reload)
+    return app

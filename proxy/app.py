@@ -1,0 +1,159 @@
+"""The two aiohttp servers of one Regate process — the data plane agents talk
+to and the admin plane operators talk to — and their shared lifecycle.
+
+`Regate` builds every part from a validated `Config` once, at startup: stages,
+engine, upstream sessions, metrics. Nothing on the request path parses config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .engines import BundleError, Engine, build_engine
+from .metrics import Metrics
+from .pipeline import Pipeline, Stage
+from .stages.body import ReadBody
+from .stages.identify import Identify, load_keys
+from .stages.policy import PolicyStage
+from .upstream import Forwarder
+
+log = logging.getLogger("regate")
+
+
+class StartupError(Exception):
+    """Regate cannot start with this config; the message says what to fix."""
+
+
+class Regate:
+    def __init__(self, cfg: Config, worker_index: int = 0) -> None:
+        self.cfg = cfg
+        self.worker_index = worker_index
+        self.metrics = Metrics() if cfg.metrics else None
+        self.engine: Engine = build_engine(cfg)
+        self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers())
+        self.recorder: Any = None
+        self.pipeline = Pipeline(self._stages(), self.forwarder, self.metrics or Metrics(), self.recorder)
+        self.ready_problems: list[str] = []
+        self._runners: list[web.BaseRunner] = []
+        self._reload_lock = asyncio.Lock()
+
+    def _credential_headers(self) -> tuple[str, ...]:
+        return (self.cfg.auth.header,) if self.cfg.auth.mode == "api_key" else ()
+
+    def _stages(self) -> list[Stage]:
+        cfg = self.cfg
+        keys = None
+        if cfg.auth.mode == "api_key":
+            if not cfg.auth.keys:
+                raise StartupError("auth.keys: required when auth.mode is api_key")
+            from .stages.identify import KeysFileError
+
+            try:
+                keys = load_keys(cfg.path(cfg.auth.keys))
+            except KeysFileError as exc:
+                raise StartupError(str(exc)) from None
+        else:
+            log.warning("auth.mode is none: X-Agent-Id is trusted as sent. Use this for demos only.")
+        from .stages.route import Route
+
+        stages: list[Stage] = [
+            Identify(cfg.auth.mode, cfg.auth.header, keys),
+            Route(cfg.tools),
+            ReadBody(needs_body=cfg.policy.engine != "off"),
+        ]
+        if cfg.policy.engine != "off":
+            stages.append(PolicyStage(cfg, self.engine, self.metrics or Metrics()))
+        return stages
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.engine.start()
+        except BundleError as exc:
+            raise StartupError("\n".join(getattr(exc, "problems", None) or [str(exc)])) from None
+        if self.metrics is not None:
+            self.metrics.set_revision(self.engine.revision)
+        await self.forwarder.start()
+
+    async def close(self) -> None:
+        await self.forwarder.close()
+        await self.engine.close()
+
+    async def reload(self) -> tuple[bool, str]:
+        """Recompile the policy bundle; on any failure the old one keeps serving."""
+        async with self._reload_lock:
+            try:
+                revision = await self.engine.reload()
+            except BundleError as exc:
+                if self.metrics is not None:
+                    self.metrics.reloads.labels("error").inc()
+                msg = "\n".join(getattr(exc, "problems", None) or [str(exc)])
+                log.error("policy reload failed, still serving %s:\n%s", self.engine.revision, msg)
+                return False, msg
+            if self.metrics is not None:
+                self.metrics.reloads.labels("ok").inc()
+                self.metrics.set_revision(revision)
+            log.info("policy reloaded: revision %s", revision)
+            return True, revision
+
+    def data_server(self) -> web.Server:
+        http = self.cfg.http
+        return web.Server(
+            self.pipeline.handle,
+            max_line_size=http.max_line_size,
+            max_field_size=http.max_field_size,
+            max_headers=http.max_headers,
+            keepalive_timeout=http.keepalive_timeout_s,
+        )
+
+    def admin_app(self) -> web.Application:
+        from .admin import admin_app
+
+        return admin_app(self)
+
+    async def serve(self, stop: asyncio.Event, reuse_port: bool = False, with_admin: bool = True) -> None:
+        """Run both planes until `stop` is set, then drain in-flight calls."""
+        await self.start()
+        grace = self.cfg.http.shutdown_grace_s
+        host, port = self.cfg.listen_addr
+        data_runner = web.ServerRunner(self.data_server(), shutdown_timeout=grace, handle_signals=False)
+        await data_runner.setup()
+        self._runners.append(data_runner)
+        await web.TCPSite(data_runner, host, port, reuse_port=reuse_port, backlog=1024).start()
+        if with_admin:
+            admin_runner = web.AppRunner(self.admin_app(), shutdown_timeout=grace, handle_signals=False,
+                                         access_log=None)
+            await admin_runner.setup()
+            self._runners.append(admin_runner)
+            ahost, aport = self.cfg.admin_addr
+            await web.TCPSite(admin_runner, ahost, aport, reuse_port=reuse_port).start()
+        log.info(
+            "regate worker %d (pid %d) serving %s:%d, admin %s, engine %s, policy revision %s, tools: %s",
+            self.worker_index, os.getpid(), host, port, self.cfg.admin.listen if with_admin else "off",
+            self.engine.name, self.engine.revision, ", ".join(f"{t.name}→{t.upstream}" for t in self.cfg.tools),
+        )
+        await stop.wait()
+        log.info("regate worker %d: stopping; draining in-flight calls (grace %.0fs)", self.worker_index, grace)
+        # Data plane first: stop accepting, let in-flight calls finish.
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.close()
+
+
+def install_signal_handlers(app: Regate, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def on_hup() -> None:
+        asyncio.ensure_future(app.reload())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)

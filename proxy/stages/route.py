@@ -1,0 +1,60 @@
+"""Route: which tool a call is for, by path prefix (`/tools/<name>/…`) or Host.
+
+The tool a call reaches must always be the one the policy judged, so paths
+that could be read differently by Regate and by the upstream (dot segments,
+encoded slashes or backslashes, double encoding) are refused outright.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..config import Tool
+from ..pipeline import Call, Rejection
+
+# %2e (.), %2f (/), %5c (\), %25 (%, i.e. double encoding), %00: each lets a path
+# look one way to Regate and another to the upstream.
+_AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00)", re.IGNORECASE)
+
+
+class Route:
+    name = "route"
+
+    def __init__(self, tools: list[Tool]) -> None:
+        # Longest prefix first, so /tools/a/b wins over /tools/a.
+        self.by_prefix = sorted(
+            ((t.prefix, t) for t in tools if t.prefix is not None), key=lambda p: len(p[0]), reverse=True
+        )
+        self.by_host = {t.host.lower(): t for t in tools if t.host is not None}
+
+    def match(self, path: str, host: str | None) -> tuple[Tool, str] | None:
+        """The tool for a raw path, and the rest of the path to send upstream."""
+        if self.by_host and host:
+            tool = self.by_host.get(host.lower().rsplit(":", 1)[0]) or self.by_host.get(host.lower())
+            if tool is not None:
+                return tool, path
+        for prefix, tool in self.by_prefix:
+            if path == prefix:
+                return tool, "/"
+            if path.startswith(prefix) and (prefix == "/" or path[len(prefix)] == "/"):
+                return tool, path[len(prefix):] if prefix != "/" else path
+        return None
+
+    async def enter(self, call: Call) -> Rejection | None:
+        raw = call.request.raw_path
+        path = raw.split("?", 1)[0]
+        if "\\" in path or _AMBIGUOUS.search(path):
+            return Rejection(400, "bad_path", "path contains encoded dots, slashes, backslashes or percent signs")
+        if "/." in path:
+            segments = path.split("/")
+            if ".." in segments or "." in segments:
+                return Rejection(400, "bad_path", "path contains '.' or '..' segments")
+        found = self.match(path, call.request.headers.get("Host"))
+        if found is None:
+            return Rejection(404, "unknown_tool", f"no tool is routed at {path!r}; tools live under /tools/<name>/")
+        call.tool, rest = found
+        call.upstream_path = rest + raw[len(path):]  # the raw query string, untouched
+        return None
+
+    def leave(self, call: Call) -> None:
+        pass
