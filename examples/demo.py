@@ -77,7 +77,8 @@ def main() -> int:
     admin_port = int(os.environ.get("REGATE_ADMIN_PORT") or free_port())
     env = dict(os.environ, DEMO_TOOL_PORT=str(tool_port), REGATE_PORT=str(port), REGATE_ADMIN_PORT=str(admin_port))
     tool = subprocess.Popen([sys.executable, str(HERE / "demo_tool.py"), str(tool_port)], env=env)
-    regate = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(HERE / "regate.yaml")],
+    regate = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(HERE / "regate.yaml"),
+                               "--log-level", "warning"],
                               env=env, cwd=ROOT)
     try:
         wait(f"http://127.0.0.1:{tool_port}/health", tool, "demo tool")

@@ -30,7 +30,7 @@ async def shell(request: web.Request) -> web.Response:
 
 async def files(request: web.Request) -> web.Response:
     args = await _args(request)
-    return web.json_response({"tool": "files", "method": request.method, "path": args.get("path")})
+    return web.json_response({"tool": "files", "method": request.method, "path": "/" + request.match_info["tail"]})
 
 
 async def payments(request: web.Request) -> web.Response:

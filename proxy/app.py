@@ -11,14 +11,14 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any
-
 from aiohttp import web
 
+from .audit import AuditLog, AuditLogCorrupt
 from .config import Config
 from .engines import BundleError, Engine, build_engine
 from .metrics import Metrics
 from .pipeline import Pipeline, Stage
+from .recorder import AuditRecorder
 from .stages.body import ReadBody
 from .stages.identify import Identify, load_keys
 from .stages.policy import PolicyStage
@@ -38,8 +38,12 @@ class Regate:
         self.metrics = Metrics() if cfg.metrics else None
         self.engine: Engine = build_engine(cfg)
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers())
-        self.recorder: Any = None
-        self.pipeline = Pipeline(self._stages(), self.forwarder, self.metrics or Metrics(), self.recorder)
+        self.audit: AuditLog | None = None
+        self.recorder: AuditRecorder | None = None
+        if cfg.audit.enabled:
+            self.audit = AuditLog.from_config(cfg.audit, worker=worker_index, base_dir=cfg.base_dir)
+            self.recorder = AuditRecorder(self.audit, self.metrics or Metrics())
+        self.pipeline = Pipeline(self._stages(), self.forwarder, self.metrics, self.recorder)
         self.ready_problems: list[str] = []
         self._runners: list[web.BaseRunner] = []
         self._reload_lock = asyncio.Lock()
@@ -81,11 +85,18 @@ class Regate:
             raise StartupError("\n".join(getattr(exc, "problems", None) or [str(exc)])) from None
         if self.metrics is not None:
             self.metrics.set_revision(self.engine.revision)
+        if self.audit is not None:
+            try:
+                await self.audit.start()
+            except (OSError, AuditLogCorrupt) as exc:
+                raise StartupError(f"audit.dir: cannot continue the audit log in {self.audit.dir}: {exc}") from None
         await self.forwarder.start()
 
     async def close(self) -> None:
         await self.forwarder.close()
         await self.engine.close()
+        if self.audit is not None:
+            await self.audit.close()  # writes the closing checkpoint
 
     async def reload(self) -> tuple[bool, str]:
         """Recompile the policy bundle; on any failure the old one keeps serving."""
@@ -112,6 +123,7 @@ class Regate:
             max_field_size=http.max_field_size,
             max_headers=http.max_headers,
             keepalive_timeout=http.keepalive_timeout_s,
+            access_log=None,  # no logging on the hot path: metrics and the audit log say what happened
         )
 
     def admin_app(self) -> web.Application:

@@ -139,6 +139,11 @@ class Audit(_Section):
     dir: str = "audit/"
     fsync: Literal["always", "interval", "never"] = "interval"
     interval_ms: int = Field(50, gt=0)
+    segment_max_bytes: int = Field(64 << 20, ge=1024)
+    checkpoint_every: int = Field(10_000, ge=1)
+    heartbeat_s: float | None = Field(60.0, gt=0)
+    # Ed25519 private key (PEM) that signs checkpoints; `regate audit keygen` makes one.
+    signing_key: str | None = None
 
 
 class Approvals(_Section):

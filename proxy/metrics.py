@@ -38,6 +38,9 @@ class Metrics:
         self.would_deny = Counter(
             "regate_policy_would_deny", "Shadow-mode denials: calls the policy would have refused",
             ["tool", "reason"], registry=r)
+        self.audit_lost = Counter(
+            "regate_audit_lost", "Audit records that could not be written (the calls they describe did not run "
+            "unrecorded: lost records are refusals' decisions or outcomes)", ["kind"], registry=r)
         self.reloads = Counter("regate_policy_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.revision = Gauge("regate_policy_revision_info", "The policy bundle revision in force",
                               ["revision"], registry=r)

@@ -192,6 +192,8 @@ class Pipeline:
             if rejection is not None:
                 call.rejection = rejection
                 response = rejection_response(call, rejection)
+                if self.recorder is not None:
+                    await self.recorder.record_rejection(call)
             return response
         except Exception:
             # A bug in Regate must still answer in the JSON shape, with an id
@@ -219,7 +221,7 @@ class Pipeline:
         outcome = rejection.code if rejection is not None else "forwarded"
         tool = call.tool.name if call.tool is not None else "-"
         metrics = self.metrics
-        if metrics is not None:
+        if metrics is not None:  # None when `metrics: false`
             if rejection is not None:
                 metrics.count_rejection(call.ended_by or "-", rejection.code)
             metrics.count_call(tool, outcome, status, added_ns / 1e9,

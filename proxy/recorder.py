@@ -1,0 +1,111 @@
+"""What the audit log is told about each call, and when.
+
+A call that will be forwarded gets its decision record written (reached the
+OS) *before* it is forwarded — write-ahead, so a Regate killed mid-call still
+has the record that the call was allowed — and an outcome record after,
+linked by decision id. A call a stage ended gets one decision record, written
+before the agent sees the answer. If the log cannot be written, a call that
+would run is refused with 503 `audit_unavailable`: nothing runs unrecorded
+(unless the tool is `fail_open`, which is counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .audit import AuditLog, AuditUnavailable
+from .pipeline import Call, Rejection
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+log = logging.getLogger("regate.audit")
+
+
+def _decision_label(call: Call) -> str:
+    if call.shadow_denied:
+        return "shadow_deny"
+    if "fail_open" in call.extra:
+        return "allow_fail_open"
+    return "allow"
+
+
+class AuditRecorder:
+    def __init__(self, audit: AuditLog, metrics: "Metrics") -> None:
+        self.audit = audit
+        self.metrics = metrics
+        self.lost = metrics.audit_lost
+
+    @property
+    def healthy(self) -> bool:
+        return self.audit.healthy
+
+    @property
+    def problem(self) -> str:
+        return self.audit.reason or ""
+
+    def _record(self, call: Call, kind: str, decision: str) -> dict:
+        request = call.request
+        tool = call.tool
+        d = call.decision
+        rejection = call.rejection
+        reasons = rejection.reasons if rejection is not None else (d.reasons if d is not None else [])
+        return {
+            "kind": kind,
+            "ts": time.time(),
+            "decision_id": call.id,
+            "agent": call.agent,
+            "tool": tool.name if tool is not None else None,
+            "method": request.method,
+            "path": request.path,
+            "body_sha256": call.body_sha256,
+            "stage": call.ended_by,
+            "decision": decision,
+            "code": rejection.code if rejection is not None else None,
+            "reasons": list(reasons),
+            "revision": call.revision,
+            "added_us": (time.perf_counter_ns() - call.started_ns - (call.upstream_ns or 0)) // 1000,
+        }
+
+    async def before_forward(self, call: Call) -> Rejection | None:
+        try:
+            await self.audit.append(self._record(call, "decision", _decision_label(call)))
+        except AuditUnavailable as exc:
+            if call.tool.fail_open:
+                # NOTE: deliberately lossy: this tool is configured fail_open, so it
+                # runs although its decision could not be recorded. Counted.
+                log.warning("audit unavailable (%s): call %s to fail_open tool %s runs UNRECORDED",
+                            exc, call.id, call.tool.name)
+                self.metrics.fail_open.labels(call.tool.name, "audit").inc()
+                return None
+            return Rejection(503, "audit_unavailable",
+                             "Regate cannot record decisions right now, so it runs no calls; retry shortly",
+                             reasons=[str(exc)], retry_after=1)
+        call.extra["audited"] = True
+        return None
+
+    async def record_rejection(self, call: Call) -> None:
+        """The one record of a call a stage ended (or the outcome of a forward that failed)."""
+        if call.extra.get("audited"):
+            return  # its allow record exists; after_call writes the outcome
+        try:
+            await self.audit.append(self._record(call, "decision", "deny"))
+        except AuditUnavailable:
+            # NOTE: the call is refused anyway; what is lost is the record of a
+            # refusal, which is counted so an operator can see it.
+            self.lost.labels("decision").inc()
+
+    def after_call(self, call: Call, status: int, added_ns: int) -> None:
+        if not call.extra.get("audited"):
+            return
+        rec = self._record(call, "outcome", _decision_label(call))
+        rec["status"] = status
+        rec["upstream_status"] = call.upstream_status
+        rec["upstream_us"] = call.upstream_ns // 1000 if call.upstream_ns is not None else None
+        rec["added_us"] = added_ns // 1000
+        try:
+            self.audit.append_nowait(rec)
+        except AuditUnavailable:
+            self.lost.labels("outcome").inc()
