@@ -146,6 +146,27 @@ def cmd_policy_eval(args) -> int:
     return eval_policy(args.rego, args.data, args.decision, args.input)
 
 
+def cmd_audit_verify(args) -> int:
+    from .audit_verify import cmd_verify
+
+    return cmd_verify(args.dir, args.public_key, now=args.now, allow_open=args.allow_open)
+
+
+def cmd_audit_keygen(args) -> int:
+    from .audit_verify import cmd_keygen
+
+    return cmd_keygen(args.path)
+
+
+def cmd_audit_tail(args) -> int:
+    from .audit_verify import cmd_tail
+
+    try:
+        return cmd_tail(args.dir, args.agent, args.decision, not args.no_follow)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regate", description="Policy sidecar proxy for AI agents.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--data", default="policies/")
     pe.add_argument("--decision", default="regate/decision")
     pe.set_defaults(func=cmd_policy_eval)
+
+    aud = sub.add_parser("audit", help="audit log tools")
+    asub = aud.add_subparsers(dest="audit_command", required=True)
+    av = asub.add_parser("verify", help="check every hash, link, sequence number and checkpoint signature")
+    av.add_argument("dir", help="the audit directory (audit.dir)")
+    av.add_argument("--public-key", default=None, help="PEM public key every checkpoint must be signed with")
+    av.add_argument("--now", type=float, default=None,
+                    help="judge the chain's end as of this Unix time (default: now)")
+    av.add_argument("--allow-open", action="store_true",
+                    help="a chain with no closing checkpoint (a crash, no restart yet) is a warning, not an error")
+    av.set_defaults(func=cmd_audit_verify)
+    ak = asub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
+    ak.add_argument("path", help="writes PATH.key (private, 0600) and PATH.pub")
+    ak.set_defaults(func=cmd_audit_keygen)
+    at = asub.add_parser("tail", help="print records as they arrive, human-readable")
+    at.add_argument("dir")
+    at.add_argument("--agent", default=None)
+    at.add_argument("--decision", default=None, help="allow | deny | shadow_deny | ...")
+    at.add_argument("--no-follow", action="store_true", help="print what is there and exit")
+    at.set_defaults(func=cmd_audit_tail)
     return p
 
 
