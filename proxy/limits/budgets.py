@@ -1,0 +1,204 @@
+"""Cost budgets: how many cost units an agent may spend per window, and the in-process store.
+
+A budget is ``units`` per ``window_s`` seconds in fixed windows aligned to the Unix
+epoch, so a 1-day window runs from UTC midnight to UTC midnight. Fixed windows
+were chosen over rolling ones because every replica agrees on the window from
+the clock alone, the state is one number per agent (no log of spends), and the
+refusal can say exactly when the budget comes back. The price is the usual
+fixed-window edge: an agent may spend a full budget just before a boundary and
+another just after it.
+
+Costs may be fractional (tokens priced in dollars). ``charge`` checks and spends
+in one step before the call, so concurrent calls cannot all pass on the same
+remaining units; ``spend`` records a correction afterwards (the actual cost from
+an upstream header minus what was charged; negative refunds) and may take the
+budget below zero: a cost already incurred is never dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from functools import lru_cache
+
+from .gcra import Clock
+
+_US = 1_000_000
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@lru_cache(maxsize=256)
+def _parse_duration_str(spec: str) -> int:
+    m = _DURATION.match(spec.lower())
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"want a duration such as 30s, 5m, 1h or 1d, got {spec!r}")
+    return int(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def parse_duration(spec: object) -> int:
+    """Whole seconds >= 1 from ``86400``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``, ``"1w"``."""
+    if isinstance(spec, bool):
+        raise ValueError(f"want a duration such as 30s, 5m, 1h or 1d, got {spec!r}")
+    if isinstance(spec, int) or (isinstance(spec, float) and spec.is_integer()):
+        if spec < 1:
+            raise ValueError(f"want a duration of at least 1 second, got {spec!r}")
+        return int(spec)
+    if isinstance(spec, str):
+        return _parse_duration_str(spec)
+    raise ValueError(f"want a duration such as 30s, 5m, 1h or 1d, got {spec!r}")
+
+
+class Budget:
+    """``units`` of cost per fixed window of ``window_s`` seconds."""
+
+    __slots__ = ("units", "window_s", "window_us")
+
+    def __init__(self, units: float, window_s: int = 86400) -> None:
+        if isinstance(units, bool) or not isinstance(units, (int, float)) or not units > 0 \
+                or units == float("inf"):
+            raise ValueError(f"units must be a number > 0, got {units!r}")
+        if isinstance(window_s, bool) or not isinstance(window_s, int) or window_s < 1:
+            raise ValueError(f"window must be a whole number of seconds >= 1, got {window_s!r}")
+        self.units = float(units)
+        self.window_s = window_s
+        self.window_us = window_s * _US
+
+    def policy_item(self, name: str = "budget") -> str:
+        """A ``RateLimit-Policy`` member (q is whole units, rounded down)."""
+        return f'"{name}";q={int(self.units)};w={self.window_s}'
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Budget) and self.units == other.units and self.window_s == other.window_s
+
+    def __hash__(self) -> int:
+        return hash((self.units, self.window_s))
+
+    def __repr__(self) -> str:
+        return f"Budget({self.units:g} per {self.window_s}s)"
+
+
+class BudgetVerdict:
+    """``allowed``; ``remaining`` units (never below 0; None: no budget applies);
+    ``reset_s`` until the window ends and the budget is whole again; ``store_error``
+    as on RateDecision (None, "local", "allow" or "deny")."""
+
+    __slots__ = ("allowed", "remaining", "reset_s", "budget", "store_error")
+
+    def __init__(self, allowed: bool, remaining: float | None, reset_s: float | None,
+                 budget: Budget | None, store_error: str | None = None) -> None:
+        self.allowed = allowed
+        self.remaining = remaining
+        self.reset_s = reset_s
+        self.budget = budget
+        self.store_error = store_error
+
+    def retry_after_header(self) -> str | None:
+        """Whole seconds until the window resets (rounded up, >= 1), or None without a budget."""
+        if self.reset_s is None:
+            return None
+        return str(max(1, -int(-self.reset_s // 1)))
+
+    def limit_item(self, name: str = "budget") -> str | None:
+        """A ``RateLimit`` member (r is whole units, rounded down), or None without a budget."""
+        if self.remaining is None:
+            return None
+        return f'"{name}";r={int(self.remaining)};t={-int(-self.reset_s // 1)}'
+
+    def __repr__(self) -> str:
+        return (f"BudgetVerdict(allowed={self.allowed}, remaining={self.remaining!r}, "
+                f"reset_s={self.reset_s!r}, store_error={self.store_error!r})")
+
+
+NO_BUDGET = BudgetVerdict(True, None, None, None)
+
+PEEK, CHARGE, SPEND = "peek", "charge", "spend"
+
+
+def budget_step(stored_end_us: int | None, stored_window_s: int | None, stored_spent: float,
+                now_us: int, budget: Budget, cost: float, mode: str
+                ) -> tuple[bool, float, int, bool]:
+    """(allowed, spent after, window end µs, write?) — mirrored by the Redis Lua script.
+
+    peek: allowed when remaining >= cost, nothing written; charge: the same, and
+    spends when allowed; spend: always spends (the call already happened).
+    """
+    window_us = budget.window_us
+    end_us = (now_us // window_us + 1) * window_us
+    spent = stored_spent if (stored_end_us == end_us and stored_window_s == budget.window_s) else 0.0
+    allowed = mode == SPEND or budget.units - spent >= cost
+    write = (mode == SPEND or (mode == CHARGE and allowed)) and cost != 0
+    if write:
+        spent = spent + cost
+    return allowed, spent, end_us, write
+
+
+class MemoryBudgets:
+    """Per-process budgets; an agent's entry is dropped once its window has ended.
+
+    ``clock`` is wall-clock seconds since the epoch (windows are calendar-aligned).
+    """
+
+    def __init__(self, clock: Clock = time.time, *, max_keys: int = 1_000_000) -> None:
+        self._clock = clock
+        # agent -> (window end µs, window_s, spent)
+        self._spent: OrderedDict = OrderedDict()
+        self._max_keys = max_keys
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._spent)
+
+    def step(self, agent: str, budget: Budget | None, cost: float, mode: str,
+             now: float | None = None) -> BudgetVerdict:
+        if budget is None:
+            return NO_BUDGET
+        now_us = round((self._clock() if now is None else now) * _US)
+        entries = self._spent
+        stored = entries.get(agent)
+        if stored is None:
+            allowed, spent, end_us, write = budget_step(None, None, 0.0, now_us, budget, cost, mode)
+        else:
+            allowed, spent, end_us, write = budget_step(stored[0], stored[1], stored[2], now_us,
+                                                         budget, cost, mode)
+        if write:
+            entries[agent] = (end_us, budget.window_s, spent)
+            if stored is None:
+                self._sweep(now_us)
+        remaining = budget.units - spent
+        return BudgetVerdict(allowed, remaining if remaining > 0 else 0.0,
+                             (end_us - now_us) / _US, budget)
+
+    async def check(self, agent: str, budget: Budget | None, cost: float,
+                    now: float | None = None) -> BudgetVerdict:
+        """Would ``cost`` fit? Spends nothing."""
+        return self.step(agent, budget, cost, PEEK, now)
+
+    async def charge(self, agent: str, budget: Budget | None, cost: float,
+                     now: float | None = None) -> BudgetVerdict:
+        """Spend ``cost`` if it fits, in one step; refused: nothing spent."""
+        return self.step(agent, budget, cost, CHARGE, now)
+
+    async def spend(self, agent: str, budget: Budget | None, cost: float,
+                    now: float | None = None) -> BudgetVerdict:
+        """Record ``cost`` (negative refunds) whatever is left; verdict.allowed is always True."""
+        return self.step(agent, budget, cost, SPEND, now)
+
+    async def remaining(self, agent: str, budget: Budget | None, now: float | None = None) -> float | None:
+        """Units left in the current window (for ``state.budget_left``); None without a budget."""
+        return self.step(agent, budget, 0, PEEK, now).remaining
+
+    def _sweep(self, now_us: int) -> None:
+        entries = self._spent
+        for _ in range(3):
+            agent, entry = entries.popitem(last=False)
+            if entry[0] > now_us:
+                entries[agent] = entry
+            elif not entries:
+                return
+        if len(entries) > self._max_keys:
+            # NOTE: lossy by design: past max_keys an agent's spend in the current
+            # window is forgotten rather than letting memory grow without bound.
+            entries.popitem(last=False)
+            self.evictions += 1

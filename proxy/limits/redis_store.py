@@ -1,0 +1,260 @@
+"""Rate limits and budgets shared by every replica and worker through Redis.
+
+Each call is one round trip: EVALSHA of a Lua script that reads, decides and
+writes atomically on the server (on NOSCRIPT, as after a Redis restart, one EVAL
+sends the body and caches it again). The rate script holds both keys of a call and commits both or
+neither. Keys carry the agent in a hash tag (``regate:rl:{coder-7}``,
+``regate:rl:{coder-7}:shell``) so both live in one slot on Redis Cluster too.
+
+Time comes from the Redis server (``TIME``) by default: replicas' clocks drift
+apart, and a TAT written by one replica is only comparable with "now" on another
+if both come from one clock. ``time_source="client"`` passes the caller's clock
+instead (tests drive the same (time, event) tables through the Lua as through
+the in-process limiter). Keys expire when their state is back to empty (a full
+bucket, an ended budget window), so idle agents cost Redis nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from time import perf_counter
+from typing import Literal
+
+from .budgets import CHARGE, NO_BUDGET, PEEK, SPEND, Budget, BudgetVerdict, MemoryBudgets
+from .gcra import UNLIMITED, Clock, KeyResult, MemoryRateLimiter, Rate, RateDecision
+from .resp import RedisReplyError, RespClient
+from .store import LatencyHook, StoreHealth
+
+_US = 1_000_000
+_STORE_ERRORS = (RedisReplyError, OSError, TimeoutError)
+
+_NOW_LUA = """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+"""
+
+# gcra() and decide_pair() of gcra.py, for KEYS[1] (agent) and KEYS[2] (agent×tool).
+# ARGV: now_us ('' = server TIME), cost, interval_us/tolerance_us of each key
+# (interval 0: that key is unlimited). Returns, as one space-separated string
+# (one bulk reply parses far faster than a nine-element array): allowed, then
+# per key allowed, remaining, retry_after_us (-1 never), reset_us.
+GCRA_LUA = _NOW_LUA + """
+local cost = tonumber(ARGV[2])
+local res = {1, 0, 0, 0, 0, 0, 0, 0, 0}
+local tats, news, ints, tols = {}, {}, {}, {}
+for i = 1, 2 do
+  local interval = tonumber(ARGV[1 + 2 * i])
+  if interval > 0 then
+    local tol = tonumber(ARGV[2 + 2 * i])
+    local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
+    if tat < now then tat = now end
+    local inc = interval * cost
+    local new_tat = tat + inc
+    local allow_at = new_tat - tol
+    local b = 4 * i - 2
+    if now < allow_at then
+      res[1] = 0
+      local remaining = math.floor((now - tat + tol) / interval)
+      if remaining < 0 then remaining = 0 end
+      res[b + 1] = remaining
+      if inc > tol then res[b + 2] = -1 else res[b + 2] = allow_at - now end
+      res[b + 3] = tat - now
+    else
+      res[b] = 1
+      res[b + 1] = math.floor((now - allow_at) / interval)
+      res[b + 3] = new_tat - now
+      tats[i], news[i], ints[i], tols[i] = tat, new_tat, interval, tol
+    end
+  end
+end
+for i = 1, 2 do
+  if news[i] then
+    if res[1] == 1 then
+      if cost > 0 then
+        redis.call('SET', KEYS[i], string.format('%.0f', news[i]),
+                   'PX', math.ceil((news[i] - now) / 1000))
+      end
+    else
+      local b = 4 * i - 2
+      local remaining = math.floor((now - tats[i] + tols[i]) / ints[i])
+      if remaining < 0 then remaining = 0 end
+      res[b + 1] = remaining
+      res[b + 3] = tats[i] - now
+    end
+  end
+end
+for i = 1, 9 do res[i] = string.format('%.0f', res[i]) end
+return table.concat(res, ' ')
+"""
+
+# budget_step() of budgets.py. ARGV: now_us ('' = server TIME), window_s, units,
+# cost, mode (peek | charge | spend). Returns allowed, spent (%.17g), reset_us.
+BUDGET_LUA = _NOW_LUA + """
+local window_us = tonumber(ARGV[2]) * 1000000
+local units = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local mode = ARGV[5]
+local end_us = (math.floor(now / window_us) + 1) * window_us
+local tag = string.format('%.0f', end_us) .. '/' .. ARGV[2]
+local spent = 0
+local cur = redis.call('HMGET', KEYS[1], 'w', 's')
+if cur[1] == tag then spent = tonumber(cur[2]) end
+local allowed = mode == 'spend' or units - spent >= cost
+if (mode == 'spend' or (mode == 'charge' and allowed)) and cost ~= 0 then
+  spent = spent + cost
+  redis.call('HSET', KEYS[1], 'w', tag, 's', string.format('%.17g', spent))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((end_us - now) / 1000) + 60000)
+end
+return {allowed and 1 or 0, string.format('%.17g', spent), end_us - now}
+"""
+
+TimeSource = Literal["server", "client"]
+
+
+def connect_redis(url: str, timeout_s: float = 0.02) -> RespClient:
+    """The limits store's connection (see resp.py for why not redis-py). Connects on first use."""
+    return RespClient(url, connect_timeout_s=timeout_s)
+
+
+class _RedisPart:
+    def __init__(self, client: RespClient, health: StoreHealth, *, timeout_s: float, time_source: TimeSource,
+                 wall_clock: Clock, prefix: str, on_latency: LatencyHook | None) -> None:
+        if time_source not in ("server", "client"):
+            raise ValueError(f"time_source must be server or client, got {time_source!r}")
+        self.client = client
+        self.health = health
+        self._timeout_s = timeout_s
+        self._client_time = time_source == "client"
+        self._wall = wall_clock
+        self._prefix = prefix
+        self._on_latency = on_latency
+
+    def _now_arg(self, now: float | None) -> str:
+        if now is not None:
+            return str(round(now * _US))
+        return str(round(self._wall() * _US)) if self._client_time else ""
+
+    async def _run(self, part: str, sha: str, keys: list[str], args: list) -> list | None:
+        """The script's reply, or None when the store failed (already counted)."""
+        health = self.health
+        if not health.should_try():
+            return None
+        t0 = perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                reply = await self.client.evalsha(sha, keys, args)
+        except _STORE_ERRORS as e:
+            # NOTE: a timed-out script may still have run on the server; that call's
+            # cells are then spent without being admitted (errs towards limiting).
+            health.failed(part, e)
+            return None
+        if self._on_latency is not None:
+            self._on_latency(part, perf_counter() - t0)
+        health.succeeded(part)
+        return reply
+
+
+class RedisRateLimiter(_RedisPart):
+    """GCRA over both keys of a call in one atomic script; ``acquire`` as MemoryRateLimiter's."""
+
+    def __init__(self, client: RespClient, health: StoreHealth | None = None, *,
+                 timeout_s: float = 0.02, time_source: TimeSource = "server",
+                 wall_clock: Clock = time.time, local: MemoryRateLimiter | None = None,
+                 prefix: str = "regate:", on_latency: LatencyHook | None = None) -> None:
+        super().__init__(client, health or StoreHealth(), timeout_s=timeout_s, time_source=time_source,
+                         wall_clock=wall_clock, prefix=prefix, on_latency=on_latency)
+        self._script = client.script(GCRA_LUA)
+        self._local = local if local is not None else MemoryRateLimiter()
+
+    async def acquire(self, agent: str, tool: str | None, agent_rate: Rate | None,
+                      tool_rate: Rate | None, cost: int = 1, now: float | None = None) -> RateDecision:
+        if agent_rate is None and tool_rate is None:
+            return UNLIMITED
+        base = f"{self._prefix}rl:{{{agent}}}"
+        reply = await self._run("rate", self._script, [base, f"{base}:{tool}"], [
+            self._now_arg(now), cost,
+            agent_rate.interval_us if agent_rate is not None else 0,
+            agent_rate.tolerance_us if agent_rate is not None else 0,
+            tool_rate.interval_us if tool_rate is not None else 0,
+            tool_rate.tolerance_us if tool_rate is not None else 0,
+        ])
+        if reply is None:
+            return self._without_store(agent, tool, agent_rate, tool_rate, cost, now)
+        reply = [int(x) for x in reply.split()]
+        return RateDecision(
+            reply[0] == 1,
+            KeyResult(agent_rate, reply[1] == 1, reply[2], reply[3], reply[4]) if agent_rate is not None else None,
+            KeyResult(tool_rate, reply[5] == 1, reply[6], reply[7], reply[8]) if tool_rate is not None else None,
+        )
+
+    def _without_store(self, agent: str, tool: str | None, agent_rate: Rate | None,
+                       tool_rate: Rate | None, cost: int, now: float | None) -> RateDecision:
+        mode = self.health.answered_without_store("rate")
+        if mode == "local":
+            # NOTE: lossy by design: each process limits on its own from an empty
+            # state while Redis is away, so N replicas admit up to N times the limit.
+            d = self._local.decide(agent, tool, agent_rate, tool_rate, cost, now)
+            return RateDecision(d.allowed, d.agent, d.tool, "local")
+        if mode == "allow":
+            # NOTE: fail open, as configured: counted in fail_open.
+            return RateDecision(True, None, None, "allow")
+        return RateDecision(False, None, None, "deny")
+
+
+class RedisBudgets(_RedisPart):
+    """Budgets in one hash per agent (window tag + spent); same methods as MemoryBudgets."""
+
+    def __init__(self, client: RespClient, health: StoreHealth | None = None, *,
+                 timeout_s: float = 0.02, time_source: TimeSource = "server",
+                 wall_clock: Clock = time.time, local: MemoryBudgets | None = None,
+                 prefix: str = "regate:", on_latency: LatencyHook | None = None) -> None:
+        super().__init__(client, health or StoreHealth(), timeout_s=timeout_s, time_source=time_source,
+                         wall_clock=wall_clock, prefix=prefix, on_latency=on_latency)
+        self._script = client.script(BUDGET_LUA)
+        self._local = local if local is not None else MemoryBudgets(wall_clock)
+
+    async def step(self, agent: str, budget: Budget | None, cost: float, mode: str,
+                   now: float | None = None) -> BudgetVerdict:
+        if budget is None:
+            return NO_BUDGET
+        reply = await self._run("budget", self._script, [f"{self._prefix}budget:{{{agent}}}"], [
+            self._now_arg(now), budget.window_s, repr(budget.units), repr(float(cost)), mode,
+        ])
+        if reply is None:
+            return self._without_store(agent, budget, cost, mode, now)
+        remaining = budget.units - float(reply[1])
+        return BudgetVerdict(reply[0] == 1, remaining if remaining > 0 else 0.0, reply[2] / _US, budget)
+
+    def _without_store(self, agent: str, budget: Budget, cost: float, mode: str,
+                       now: float | None) -> BudgetVerdict:
+        how = self.health.answered_without_store("budget")
+        if how == "local":
+            # NOTE: lossy by design: the in-process budget does not know what was
+            # spent through Redis this window, so the agent starts it afresh here.
+            v = self._local.step(agent, budget, cost, mode, now)
+            return BudgetVerdict(v.allowed, v.remaining, v.reset_s, budget, "local")
+        if how == "allow":
+            # NOTE: fail open, as configured: counted in fail_open.
+            return BudgetVerdict(True, None, None, budget, "allow")
+        return BudgetVerdict(mode == SPEND, None, None, budget, "deny")
+
+    async def check(self, agent: str, budget: Budget | None, cost: float,
+                    now: float | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, PEEK, now)
+
+    async def charge(self, agent: str, budget: Budget | None, cost: float,
+                     now: float | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, CHARGE, now)
+
+    async def spend(self, agent: str, budget: Budget | None, cost: float,
+                    now: float | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, SPEND, now)
+
+    async def remaining(self, agent: str, budget: Budget | None, now: float | None = None) -> float | None:
+        return (await self.step(agent, budget, 0, PEEK, now)).remaining

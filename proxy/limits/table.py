@@ -1,0 +1,216 @@
+"""The limits table: what the policy data declares, compiled once, and resolving one call's limits.
+
+``compile_limits`` turns the limits document (``policies/limits.yaml``, the same
+data the Rego sees) into a ``LimitsTable``; every error names the field, such as
+``limits.agents.coder-7.tools.shell.rate``. ``resolve_limits`` is the pure,
+per-call step: (table, agent, tool, the decision's ``limits``) → ``EffectiveLimits``.
+
+Precedence, most specific first. Agent key: decision ``agent`` > ``agents.<a>.agent``
+> ``defaults.agent``. Agent×tool key: decision ``tool`` > ``agents.<a>.tools.<t>``
+> ``tools.<t>`` > ``defaults.tool``. Budget: decision ``budget`` > ``agents.<a>.budget``
+> ``defaults.budget``. A spec replaces the one below it whole (a rate and its
+burst come from the same place); ``null`` or ``unlimited`` means no limit;
+an absent key means "inherit".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .budgets import Budget, parse_duration
+from .gcra import Rate
+
+
+class LimitsError(ValueError):
+    """A limits document or decision override that cannot be used; the message names the field."""
+
+
+_UNSET: Any = object()
+
+
+def _where(where: str, key: str) -> str:
+    return f"{where}.{key}"
+
+
+def _mapping(value: Any, where: str, allowed: tuple[str, ...]) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise LimitsError(f"{where}: want a mapping with keys {', '.join(allowed)}, got {value!r}")
+    for key in value:
+        if key not in allowed:
+            raise LimitsError(f"{_where(where, str(key))}: unknown field (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _whole(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise LimitsError(f"{where}: want a whole number >= 1, got {value!r}")
+    if value < 1:
+        raise LimitsError(f"{where}: want a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def parse_rate_spec(value: Any, where: str) -> Rate | None:
+    """``"10/s"`` | ``{rate: "10/s", burst: 20}`` | ``{requests: 10, per: 1s, burst: 20}`` | null/unlimited."""
+    if value is None or value == "unlimited":
+        return None
+    if isinstance(value, str):
+        try:
+            return Rate.parse(value)
+        except ValueError as e:
+            raise LimitsError(f"{where}: {e}") from None
+    spec = _mapping(value, where, ("rate", "requests", "per", "burst"))
+    burst = _whole(spec["burst"], _where(where, "burst")) if spec.get("burst") is not None else None
+    if "rate" in spec:
+        if "requests" in spec or "per" in spec:
+            raise LimitsError(f"{where}: give either rate or requests+per, not both")
+        if spec["rate"] is None or spec["rate"] == "unlimited":
+            return None
+        if not isinstance(spec["rate"], str):
+            raise LimitsError(f"{_where(where, 'rate')}: want REQUESTS/PERIOD such as 10/s, "
+                              f"got {spec['rate']!r}")
+        try:
+            return Rate.parse(spec["rate"], burst)
+        except ValueError as e:
+            raise LimitsError(f"{_where(where, 'rate')}: {e}") from None
+    if "requests" not in spec:
+        raise LimitsError(f"{where}: missing rate (such as 10/s) or requests+per")
+    requests = _whole(spec["requests"], _where(where, "requests"))
+    try:
+        per = parse_duration(spec.get("per", 1))
+    except ValueError as e:
+        raise LimitsError(f"{_where(where, 'per')}: {e}") from None
+    return Rate(requests, per, burst)
+
+
+def parse_budget_spec(value: Any, where: str) -> Budget | None:
+    """``{units: 1000, window: 1d}`` (window defaults to 1d) | null/unlimited."""
+    if value is None or value == "unlimited":
+        return None
+    spec = _mapping(value, where, ("units", "window"))
+    if "units" not in spec:
+        raise LimitsError(f"{_where(where, 'units')}: missing (a number > 0)")
+    units = spec["units"]
+    if isinstance(units, bool) or not isinstance(units, (int, float)) or not 0 < units < float("inf"):
+        raise LimitsError(f"{_where(where, 'units')}: want a number > 0, got {units!r}")
+    try:
+        window = parse_duration(spec.get("window", "1d"))
+    except ValueError as e:
+        raise LimitsError(f"{_where(where, 'window')}: {e}") from None
+    return Budget(units, window)
+
+
+class EffectiveLimits:
+    """One call's limits; None in a field means unlimited."""
+
+    __slots__ = ("agent", "tool", "budget")
+
+    def __init__(self, agent: Rate | None, tool: Rate | None, budget: Budget | None) -> None:
+        self.agent = agent
+        self.tool = tool
+        self.budget = budget
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, EffectiveLimits) and self.agent == other.agent
+                and self.tool == other.tool and self.budget == other.budget)
+
+    def __repr__(self) -> str:
+        return f"EffectiveLimits(agent={self.agent!r}, tool={self.tool!r}, budget={self.budget!r})"
+
+
+class _AgentLimits:
+    __slots__ = ("agent", "budget", "tools")
+
+    def __init__(self, agent: Rate | None, budget: Budget | None, tools: dict[str, Rate | None]) -> None:
+        self.agent = agent
+        self.budget = budget
+        self.tools = tools
+
+
+class LimitsTable:
+    """The compiled limits document. Build with ``compile_limits``."""
+
+    __slots__ = ("agent", "tool", "budget", "tools", "agents")
+
+    def __init__(self, agent: Rate | None = None, tool: Rate | None = None, budget: Budget | None = None,
+                 tools: dict[str, Rate | None] | None = None,
+                 agents: dict[str, _AgentLimits] | None = None) -> None:
+        self.agent = agent
+        self.tool = tool
+        self.budget = budget
+        self.tools = tools or {}
+        self.agents = agents or {}
+
+
+def _tools(value: Any, where: str) -> dict[str, Rate | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise LimitsError(f"{where}: want a mapping of tool name to rate, got {value!r}")
+    return {str(name): parse_rate_spec(spec, _where(where, str(name))) for name, spec in value.items()}
+
+
+def compile_limits(doc: Mapping | None, where: str = "limits") -> LimitsTable:
+    """Validate and compile the limits document once (at load/reload), never per call."""
+    if doc is None:
+        return LimitsTable()
+    doc = _mapping(doc, where, ("defaults", "tools", "agents"))
+    d = doc.get("defaults") or {}
+    dw = _where(where, "defaults")
+    d = _mapping(d, dw, ("agent", "tool", "budget"))
+    table = LimitsTable(
+        agent=parse_rate_spec(d.get("agent"), _where(dw, "agent")),
+        tool=parse_rate_spec(d.get("tool"), _where(dw, "tool")),
+        budget=parse_budget_spec(d.get("budget"), _where(dw, "budget")),
+        tools=_tools(doc.get("tools"), _where(where, "tools")),
+    )
+    agents = doc.get("agents") or {}
+    aw = _where(where, "agents")
+    if not isinstance(agents, Mapping):
+        raise LimitsError(f"{aw}: want a mapping of agent id to limits, got {agents!r}")
+    for agent_id, entry in agents.items():
+        ew = _where(aw, str(agent_id))
+        entry = _mapping(entry if entry is not None else {}, ew, ("agent", "budget", "tools"))
+        table.agents[str(agent_id)] = _AgentLimits(
+            parse_rate_spec(entry["agent"], _where(ew, "agent")) if "agent" in entry else table.agent,
+            parse_budget_spec(entry["budget"], _where(ew, "budget")) if "budget" in entry else table.budget,
+            _tools(entry.get("tools"), _where(ew, "tools")),
+        )
+    return table
+
+
+def parse_override(override: Mapping, where: str = "decision.limits") -> tuple[Any, Any, Any]:
+    """The decision's ``limits``: (agent, tool, budget), each a spec, None, or _UNSET (absent)."""
+    o = _mapping(override, where, ("agent", "tool", "budget"))
+    return (
+        parse_rate_spec(o["agent"], _where(where, "agent")) if "agent" in o else _UNSET,
+        parse_rate_spec(o["tool"], _where(where, "tool")) if "tool" in o else _UNSET,
+        parse_budget_spec(o["budget"], _where(where, "budget")) if "budget" in o else _UNSET,
+    )
+
+
+def resolve_limits(table: LimitsTable, agent: str, tool: str | None,
+                   override: Mapping | None = None) -> EffectiveLimits:
+    """The limits for one call. Pure; raises LimitsError (naming decision.limits.*) on a bad override."""
+    a = table.agents.get(agent)
+    if a is None:
+        agent_rate = table.agent
+        budget = table.budget
+        tool_rate = table.tools.get(tool, table.tool) if tool is not None else None
+    else:
+        agent_rate = a.agent
+        budget = a.budget
+        if tool is None:
+            tool_rate = None
+        else:
+            tool_rate = a.tools.get(tool, _UNSET)
+            if tool_rate is _UNSET:
+                tool_rate = table.tools.get(tool, table.tool)
+    if override:
+        o_agent, o_tool, o_budget = parse_override(override)
+        if o_agent is not _UNSET:
+            agent_rate = o_agent
+        if o_tool is not _UNSET and tool is not None:
+            tool_rate = o_tool
+        if o_budget is not _UNSET:
+            budget = o_budget
+    return EffectiveLimits(agent_rate, tool_rate, budget)
