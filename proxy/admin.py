@@ -48,8 +48,19 @@ def admin_app(regate: "Regate") -> web.Application:
         recorder = regate.recorder
         if recorder is not None and not getattr(recorder, "healthy", True):
             problems.append(f"audit: {getattr(recorder, 'problem', 'unwritable')}")
+        warnings = []
+        stores = regate.limit_stores
+        if stores is not None and not stores.healthy:
+            mode = regate.cfg.limits.on_store_error
+            line = f"limits: shared store unreachable, answering with on_store_error={mode}"
+            # With deny every limited call fails, so the replica is not ready;
+            # with local/allow calls still flow and readiness only says so.
+            (problems if mode == "deny" else warnings).append(line)
+        gpu = regate.gpu.controller if regate.gpu is not None else None
         body = {
+            "gpu": gpu.view.status if gpu is not None else "off",
             "ready": not problems,
+            "warnings": warnings,
             "problems": problems,
             "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
             "tools": {t.name: t.upstream for t in regate.cfg.tools},
@@ -72,6 +83,13 @@ def admin_app(regate: "Regate") -> web.Application:
         return _json({"reloaded": False, "revision": regate.engine.revision,
                       "error": {"code": "reload_failed", "message": detail}}, 422)
 
+    async def gpu(request: web.Request) -> web.Response:
+        controller = regate.gpu.controller if regate.gpu is not None else None
+        if controller is None:
+            return _error(404, "gpu_off", "GPU admission is off: no tool declares gpu.memory_mb")
+        return _json(controller.snapshot())
+
+    app.router.add_get("/admin/gpu", gpu)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -18,7 +18,11 @@ from .config import Config
 from .engines import BundleError, Engine, build_engine
 from .metrics import Metrics
 from .pipeline import Pipeline, Stage
+from .gpu import AdmissionConfig, AdmissionController, GpuCollector, GpuUnavailable, open_view
+from .limits import LimitsError, LimitStores, open_limit_stores
 from .recorder import AuditRecorder
+from .stages.gpu import GpuAdmission
+from .stages.ratelimit import RateLimit, load_limits_table
 from .stages.body import ReadBody
 from .stages.identify import Identify, load_keys
 from .stages.policy import PolicyStage
@@ -36,6 +40,9 @@ class Regate:
         self.cfg = cfg
         self.worker_index = worker_index
         self.metrics = Metrics() if cfg.metrics else None
+        self.limit_stores: LimitStores | None = None
+        self.gpu: GpuAdmission | None = None
+        self.ratelimit: RateLimit | None = None
         self.engine: Engine = build_engine(cfg)
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers())
         self.audit: AuditLog | None = None
@@ -74,7 +81,51 @@ class Regate:
         ]
         if cfg.policy.engine != "off":
             stages.append(PolicyStage(cfg, self.engine, self.metrics or Metrics()))
+        if cfg.limits.enabled:
+            stages.append(self._ratelimit_stage())
+        if self._gpu_wanted():
+            self.gpu = GpuAdmission(self.metrics or Metrics())
+            stages.append(self.gpu)
         return stages
+
+    def _gpu_wanted(self) -> bool:
+        """GPU admission runs when a tool declares GPU demand or the gpu section is set up."""
+        g = self.cfg.gpu
+        return any(t.gpu.memory_mb for t in self.cfg.tools) or g.source != "auto" or bool(g.static)
+
+    async def _start_gpu(self) -> None:
+        g = self.cfg.gpu
+        try:
+            view = await open_view(g.source, g.static, interval_s=g.sample_interval_ms / 1000)
+        except GpuUnavailable as exc:
+            raise StartupError(f"gpu.source: {exc}") from None
+        controller = AdmissionController(view, AdmissionConfig.from_section(g))
+        await view.start()
+        self.gpu.controller = controller
+        if self.metrics is not None:
+            self.metrics.registry.register(GpuCollector(controller))
+        log.info("gpu admission: %s", view.status)
+        for t in self.cfg.tools:
+            if t.gpu.memory_mb:
+                problem = controller.check_demand(t.gpu.memory_mb, t.gpu.device, t.gpu.priority)
+                if problem:
+                    log.warning("tools[%s].gpu: %s", t.name, problem)
+
+    def _ratelimit_stage(self) -> RateLimit:
+        cfg = self.cfg
+        metrics = self.metrics or Metrics()
+        try:
+            table = load_limits_table(cfg.path(cfg.policy.data))
+        except LimitsError as exc:
+            raise StartupError(str(exc)) from None
+        lim = cfg.limits
+        self.limit_stores = open_limit_stores(
+            lim.store, redis_url=lim.redis_url, on_store_error=lim.on_store_error, timeout_ms=lim.timeout_ms,
+            retry_interval_s=lim.retry_interval_s,
+            on_latency=lambda part, seconds: metrics.limit_store_latency.labels(part).observe(seconds),
+        )
+        self.ratelimit = RateLimit(table, self.limit_stores, metrics)
+        return self.ratelimit
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -90,11 +141,18 @@ class Regate:
                 await self.audit.start()
             except (OSError, AuditLogCorrupt) as exc:
                 raise StartupError(f"audit.dir: cannot continue the audit log in {self.audit.dir}: {exc}") from None
+        if self.gpu is not None:
+            await self._start_gpu()
         await self.forwarder.start()
 
     async def close(self) -> None:
+        if self.gpu is not None and self.gpu.controller is not None:
+            self.gpu.controller.close()
+            await self.gpu.controller.view.stop()
         await self.forwarder.close()
         await self.engine.close()
+        if self.limit_stores is not None:
+            await self.limit_stores.aclose()
         if self.audit is not None:
             await self.audit.close()  # writes the closing checkpoint
 
@@ -102,7 +160,15 @@ class Regate:
         """Recompile the policy bundle; on any failure the old one keeps serving."""
         async with self._reload_lock:
             try:
+                table = None
+                if self.ratelimit is not None:
+                    try:
+                        table = load_limits_table(self.cfg.path(self.cfg.policy.data))
+                    except LimitsError as exc:
+                        raise BundleError([str(exc)]) from None
                 revision = await self.engine.reload()
+                if table is not None:
+                    self.ratelimit.table = table
             except BundleError as exc:
                 if self.metrics is not None:
                     self.metrics.reloads.labels("error").inc()

@@ -129,9 +129,13 @@ class Policy(_Section):
 
 
 class Limits(_Section):
+    enabled: bool = True
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis slower than this counts as down for the call (then on_store_error applies).
+    timeout_ms: int = Field(20, gt=0)
     on_store_error: Literal["local", "deny", "allow"] = "local"
+    retry_interval_s: float = Field(1.0, gt=0)
 
 
 class Audit(_Section):
@@ -151,8 +155,38 @@ class Approvals(_Section):
     timeout_s: float = Field(120, gt=0)
 
 
+class GpuQueue(_Section):
+    max: int = Field(64, ge=0)  # 0: never wait, shed what does not fit now
+    wait_ms: int = Field(10_000, gt=0)
+
+
+class GpuPerAgent(_Section):
+    max_concurrent: int = Field(0, ge=0)  # 0: no cap
+    max_queued: int = Field(0, ge=0)
+
+
+class GpuHeadroom(_Section):
+    # Calls below min_priority must leave this much memory free for higher ones.
+    memory_mb: int = Field(0, ge=0)
+    min_priority: int = 10
+
+
+class GpuStaticDevice(_Section):
+    memory_mb: int = Field(gt=0)
+    name: str | None = None
+    util_percent: float = Field(0, ge=0, le=100)
+
+
 class Gpu(_Section):
     source: Literal["auto", "nvml", "static"] = "auto"
+    sample_interval_ms: int = Field(250, ge=50)
+    ceiling_util_percent: float = Field(95, ge=0, le=100)
+    # How long after admission a reservation may still be missing from NVML's reading.
+    settle_ms: int = Field(1000, ge=0)
+    queue: GpuQueue = GpuQueue()
+    per_agent: GpuPerAgent = GpuPerAgent()
+    headroom: GpuHeadroom = GpuHeadroom()
+    static: list[GpuStaticDevice] = []
 
 
 class Config(_Section):

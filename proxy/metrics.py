@@ -41,6 +41,16 @@ class Metrics:
         self.audit_lost = Counter(
             "regate_audit_lost", "Audit records that could not be written (the calls they describe did not run "
             "unrecorded: lost records are refusals' decisions or outcomes)", ["kind"], registry=r)
+        self.rate_limited = Counter(
+            "regate_limit_rejections", "Calls refused by rate limits (kind=rate) or budgets (kind=budget), by agent",
+            ["kind", "agent"], registry=r)
+        self.limit_store_fallback = Counter(
+            "regate_limit_store_fallbacks", "Calls decided without the shared limits store, by part and "
+            "on_store_error mode (local fallback, allow = failed open, deny = failed closed)", ["part", "mode"],
+            registry=r)
+        self.limit_store_latency = Histogram(
+            "regate_limit_store_seconds", "Round trip to the shared limits store", ["part"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05), registry=r)
         self.reloads = Counter("regate_policy_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.revision = Gauge("regate_policy_revision_info", "The policy bundle revision in force",
                               ["revision"], registry=r)

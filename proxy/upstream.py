@@ -216,6 +216,15 @@ class Forwarder:
             if low in _RESPONSE_DROP or low in conn:
                 continue
             out.add(name, value)
+        cost = resp.headers.get("X-Regate-Cost")
+        if cost is not None:
+            # Tools that bill by tokens say what the call cost; the budget is corrected by it.
+            try:
+                value = float(cost)
+                if value >= 0 and value != float("inf"):
+                    call.extra["upstream_cost"] = value
+            except ValueError:
+                pass
         out["X-Regate-Decision-Id"] = call.id
         for name, value in call.response_headers.items():
             out[name] = value
