@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import os
 import signal
+import time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -89,6 +90,22 @@ def admin_app(regate: "Regate") -> web.Application:
             return _error(404, "gpu_off", "GPU admission is off: no tool declares gpu.memory_mb")
         return _json(controller.snapshot())
 
+    async def breakers(request: web.Request) -> web.Response:
+        if regate.breakers is None:
+            return _error(404, "breakers_off", "every breaker is switched off in config (breakers:)")
+        return _json(regate.breakers.snapshot(time.monotonic()))
+
+    async def breaker_reset(request: web.Request) -> web.Response:
+        tool = request.match_info["tool"]
+        if regate.breakers is None:
+            return _error(404, "breakers_off", "every breaker is switched off in config (breakers:)")
+        if tool not in {t.name for t in regate.cfg.tools}:
+            return _error(404, "unknown_tool", f"no tool named {tool!r}")
+        regate.breakers.reset(tool, time.monotonic())
+        return _json({"reset": tool, "state": regate.breakers.state(tool, time.monotonic())})
+
+    app.router.add_get("/admin/breakers", breakers)
+    app.router.add_post("/admin/breakers/{tool}/reset", breaker_reset)
     app.router.add_get("/admin/gpu", gpu)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -18,9 +18,11 @@ from .config import Config
 from .engines import BundleError, Engine, build_engine
 from .metrics import Metrics
 from .pipeline import Pipeline, Stage
+from .breakers import Breakers, build
 from .gpu import AdmissionConfig, AdmissionController, GpuCollector, GpuUnavailable, open_view
 from .limits import LimitsError, LimitStores, open_limit_stores
 from .recorder import AuditRecorder
+from .stages.breaker import STATE_VALUES, BreakerStage
 from .stages.gpu import GpuAdmission
 from .stages.ratelimit import RateLimit, load_limits_table
 from .stages.body import ReadBody
@@ -42,6 +44,7 @@ class Regate:
         self.metrics = Metrics() if cfg.metrics else None
         self.limit_stores: LimitStores | None = None
         self.gpu: GpuAdmission | None = None
+        self.breakers: Breakers | None = None
         self.ratelimit: RateLimit | None = None
         self.engine: Engine = build_engine(cfg)
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers())
@@ -83,10 +86,30 @@ class Regate:
             stages.append(PolicyStage(cfg, self.engine, self.metrics or Metrics()))
         if cfg.limits.enabled:
             stages.append(self._ratelimit_stage())
+        self.breakers = self._breakers()
+        if self.breakers is not None:
+            stages.append(BreakerStage(self.breakers, self.metrics))
         if self._gpu_wanted():
             self.gpu = GpuAdmission(self.metrics or Metrics())
             stages.append(self.gpu)
         return stages
+
+    def _breakers(self) -> Breakers | None:
+        metrics = self.metrics
+
+        def on_transition(tool: str, old: str, new: str, now: float, reason: str) -> None:
+            log.warning("breaker for tool %s: %s -> %s (%s)", tool, old, new, reason)
+            if metrics is not None:
+                metrics.breaker_transitions.labels(tool, old, new).inc()
+                metrics.breaker_state.labels(tool).set(STATE_VALUES.get(new, -1))
+
+        try:
+            breakers = build(self.cfg.breakers, tools=[t.name for t in self.cfg.tools], on_transition=on_transition)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if breakers.tools is None and breakers.agents is None and breakers.loops is None:
+            return None
+        return breakers
 
     def _gpu_wanted(self) -> bool:
         """GPU admission runs when a tool declares GPU demand or the gpu section is set up."""

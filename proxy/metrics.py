@@ -51,6 +51,10 @@ class Metrics:
         self.limit_store_latency = Histogram(
             "regate_limit_store_seconds", "Round trip to the shared limits store", ["part"],
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05), registry=r)
+        self.breaker_transitions = Counter(
+            "regate_breaker_transitions", "Tool breaker state changes", ["tool", "from_state", "to_state"], registry=r)
+        self.breaker_state = Gauge(
+            "regate_breaker_state", "Tool breaker state: 0 closed, 1 half-open, 2 open", ["tool"], registry=r)
         self.reloads = Counter("regate_policy_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.revision = Gauge("regate_policy_revision_info", "The policy bundle revision in force",
                               ["revision"], registry=r)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .breakers.outcome import CONNECT_ERROR
+from .breakers.retrybudget import RetryBudget
 from .config import Tool
 from .pipeline import Call, Rejection
 
@@ -57,7 +59,7 @@ class _BodyTooLarge(Exception):
 class Upstream:
     """One tool's upstream: its base URL and its own pooled session."""
 
-    __slots__ = ("tool", "base", "base_str", "host_header", "session")
+    __slots__ = ("tool", "base", "base_str", "host_header", "session", "retry_budget")
 
     def __init__(self, tool: Tool) -> None:
         self.tool = tool
@@ -66,6 +68,7 @@ class Upstream:
         port = self.base.explicit_port
         self.host_header = self.base.raw_host + (f":{port}" if port else "")
         self.session: aiohttp.ClientSession | None = None
+        self.retry_budget = RetryBudget(ratio=0.1, window_s=10.0)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -174,17 +177,32 @@ class Forwarder:
 
         started = time.perf_counter_ns()
         call.forwarded = True
+        budget = upstream.retry_budget
+        budget.deposit(time.monotonic())
+        # Only a call whose body can be sent again (none, or buffered) may be retried.
+        replayable = not isinstance(data, AsyncIterator) if data is not None else True
+        headers = self._request_headers(call)
         try:
             async with asyncio.timeout(deadline):
-                resp = await upstream.session.request(
-                    request.method,
-                    url,
-                    headers=self._request_headers(call),
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                )
+                while True:
+                    try:
+                        resp = await upstream.session.request(
+                            request.method, url, headers=headers, data=data,
+                            allow_redirects=False, compress=None, chunked=None,
+                        )
+                        break
+                    except aiohttp.ClientConnectorError:
+                        # Regate's own retry: once, idempotent methods, connect errors only
+                        # (the tool never saw the call), within a retry budget of 10% of
+                        # calls, so Regate can never amplify a storm.
+                        if not (replayable and RetryBudget.safe(request.method, CONNECT_ERROR,
+                                                                call.extra.get("retries", 0))):
+                            raise
+                        delay = budget.withdraw(time.monotonic())
+                        if delay is None:
+                            raise
+                        call.extra["retries"] = 1
+                        await asyncio.sleep(delay)
         except TimeoutError:
             call.upstream_ns = time.perf_counter_ns() - started
             raise UpstreamError(Rejection(
@@ -243,6 +261,8 @@ class Forwarder:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamError(Rejection(
                     502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
+            if resp.status >= 400:
+                call.extra["error_body"] = body[:8192]  # the loop guard quotes it back to the agent
             return web.Response(status=resp.status, reason=resp.reason, body=body, headers=headers)
 
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)

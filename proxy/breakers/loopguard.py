@@ -1,0 +1,218 @@
+"""The loop guard: refuse a call that already failed, the same or nearly so, again and again.
+
+Retry amplification is an agent re-sending a failed call, each time slightly
+different and still invalid. Per agent x tool the guard keeps a short history of
+failures (time, method, path, body fingerprint, quotable error). A call whose
+method and path match, and whose body is at least ``similarity`` alike (Jaccard
+over normalised shingles, see ``fingerprint``) to ``repeats`` failures within
+``window_s``, is refused with 429 ``retry_loop``, the upstream's last error
+quoted, and ``Retry-After`` at the moment the oldest of those failures leaves the
+window. A success of a matching call wipes the failures it matches.
+
+Only failures that say "this call is wrong" are loop material: 4xx and 5xx
+answers except the statuses that invite a retry of the same call (408, 425, 429,
+502, 503, 504 by default: the tool breaker and rate limits own those), never
+timeouts or connect errors. Every failure still counts in ``recent_failures``,
+the policy input's ``state.recent_failures``.
+
+Cost: ``check`` is one dict lookup for an agent with no recent failures on the
+tool; the body is fingerprinted only when at least ``repeats`` loop failures on the
+same method and path are in the window, and on the failure path of ``record``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from typing import Any, Callable
+
+from .config import LoopGuardConfig
+from .fingerprint import Fingerprint, fingerprint as _fingerprint_of, similarity
+from .outcome import CLIENT_ERROR, SERVER_ERROR, SUCCESS, Outcome, Refusal, describe, seconds
+
+_SWEEP_EVERY_S = 1.0
+
+
+class _Failure:
+    __slots__ = ("t", "method", "path", "loops", "size", "digest", "sketch", "error")
+
+    def __init__(self, t: float, method: str, path: str, error: str, fp: Fingerprint | None) -> None:
+        self.t = t
+        self.method = method
+        self.path = path
+        self.error = error
+        self.loops = fp is not None
+        if fp is not None:
+            self.size = fp.size
+            self.digest = fp.digest
+            self.sketch: array | None = fp.packed()
+        else:
+            self.size = self.digest = 0
+            self.sketch = None
+
+
+class _History:
+    __slots__ = ("failures", "last_seen", "config", "ignore")
+
+    def __init__(self, config: LoopGuardConfig) -> None:
+        self.failures: list[_Failure] = []
+        self.last_seen = 0.0
+        self.config = config
+        self.ignore = frozenset(config.ignore_fields)
+
+
+class LoopGuard:
+    __slots__ = ("_config_for", "_pairs", "_next_sweep", "_max_entries",
+                 "rejected_exact", "rejected_near", "evicted", "expired", "fingerprints")
+
+    def __init__(self, config_for: Callable[[str], LoopGuardConfig] | LoopGuardConfig | None = None) -> None:
+        if config_for is None or isinstance(config_for, LoopGuardConfig):
+            fixed = config_for or LoopGuardConfig()
+            config_for = lambda _tool: fixed  # noqa: E731
+        self._config_for = config_for
+        self._max_entries = config_for("").max_entries
+        self._pairs: OrderedDict[tuple[str, str], _History] = OrderedDict()
+        self._next_sweep = 0.0
+        # Metrics.
+        self.rejected_exact = 0   # refused: identical to the earlier failures
+        self.rejected_near = 0    # refused: near-identical
+        self.evicted = 0
+        self.expired = 0
+        self.fingerprints = 0     # bodies fingerprinted (the guard's only real cost)
+
+    @property
+    def rejected(self) -> int:
+        return self.rejected_exact + self.rejected_near
+
+    def check(self, agent: str, tool: str, method: str, path: str, body: Any, now: float,
+              query: str = "") -> Refusal | None:
+        return self.inspect(agent, tool, method, path, body, now, query)[0]
+
+    def inspect(self, agent: str, tool: str, method: str, path: str, body: Any, now: float,
+                query: str = "") -> tuple[Refusal | None, Fingerprint | None]:
+        """``check``, also returning the body's fingerprint when it had to compute one,
+        for ``record(..., fingerprint=)`` to reuse."""
+        h = self._pairs.get((agent, tool))
+        if h is None:
+            return None, None
+        cfg = h.config
+        since = now - cfg.window_s
+        cands = [f for f in h.failures if f.loops and f.t > since and f.path == path and f.method == method]
+        if len(cands) < cfg.repeats:
+            return None, None
+        fp = self._fingerprint(body, query, h)
+        same = self._alike(fp, cands, cfg.similarity)
+        if len(same) < cfg.repeats:
+            return None, fp
+        exact = all(fp.digest == f.digest and fp.size == f.size for f in same)
+        if exact:
+            self.rejected_exact += 1
+        else:
+            self.rejected_near += 1
+        # Failures are appended in time order: the refusal lifts when only repeats-1
+        # of them are left in the window.
+        wait = same[len(same) - cfg.repeats].t + cfg.window_s - now
+        alike = "identical" if exact else "near-identical"
+        return Refusal(
+            429, "retry_loop", "exact" if exact else "near",
+            f"this call ({method} {path}) has failed {len(same)} times in the last {cfg.window_s:g}s with "
+            f"{alike} arguments (last error: {same[-1].error}); change the arguments or stop retrying. "
+            f"The same call is refused for {seconds(wait)}.",
+            wait,
+        ), fp
+
+    @staticmethod
+    def _alike(fp: Fingerprint, failures: list[_Failure], floor: float) -> list[_Failure]:
+        out = []
+        n = fp.size
+        for f in failures:
+            # Jaccard is at most min/max of the sizes: skip the set work when that is short.
+            if (f.size if f.size < n else n) < floor * (n if f.size < n else f.size):
+                continue
+            if similarity(fp, f.size, f.digest, f.sketch) >= floor:
+                out.append(f)
+        return out
+
+    def record(self, agent: str, tool: str, method: str, path: str, body: Any, now: float,
+               outcome: Outcome, status: int | None = None, error: str = "", query: str = "",
+               fingerprint: Fingerprint | None = None) -> None:
+        """After the upstream answered. ``fingerprint``: what ``inspect`` returned for
+        this call, if anything (saves computing it again)."""
+        key = (agent, tool)
+        pairs = self._pairs
+        h = pairs.get(key)
+        if outcome == SUCCESS:
+            if h is None:
+                return
+            mine = [f for f in h.failures if f.loops and f.path == path and f.method == method]
+            if not mine:
+                return
+            fp = fingerprint or self._fingerprint(body, query, h)
+            gone = {id(f) for f in self._alike(fp, mine, h.config.similarity)}
+            if gone:
+                h.failures = [f for f in h.failures if id(f) not in gone]
+            return
+        if h is None:
+            h = pairs[key] = _History(self._config_for(tool))
+        else:
+            pairs.move_to_end(key)
+        cfg = h.config
+        h.last_seen = now
+        loops = (outcome == CLIENT_ERROR or outcome == SERVER_ERROR) and status not in cfg.ignore_statuses
+        fp = (fingerprint or self._fingerprint(body, query, h)) if loops else None
+        failures = h.failures
+        since = now - cfg.window_s
+        if failures and (failures[0].t <= since or len(failures) >= cfg.history):
+            failures = [f for f in failures if f.t > since][-(cfg.history - 1):] if cfg.history > 1 else []
+            h.failures = failures
+        failures.append(_Failure(now, method, path, describe(outcome, status, error), fp))
+        if len(pairs) > self._max_entries or now >= self._next_sweep:
+            self._sweep(now)
+
+    def recent_failures(self, agent: str, tool: str, now: float) -> int:
+        """Failures of this agent on this tool within the window (any kind)."""
+        h = self._pairs.get((agent, tool))
+        if h is None:
+            return 0
+        since = now - h.config.window_s
+        return sum(1 for f in h.failures if f.t > since)
+
+    def reset(self, agent: str | None = None, tool: str | None = None) -> int:
+        keys = [k for k in self._pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
+        for k in keys:
+            del self._pairs[k]
+        return len(keys)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def snapshot(self, now: float) -> list[dict]:
+        out = []
+        for (agent, tool), h in self._pairs.items():
+            since = now - h.config.window_s
+            live = [f for f in h.failures if f.t > since]
+            if live:
+                out.append({"agent": agent, "tool": tool, "recent_failures": len(live),
+                            "last_error": live[-1].error,
+                            "calls": sorted({f"{f.method} {f.path}" for f in live})})
+        return out
+
+    def _fingerprint(self, body: Any, query: str, h: _History) -> Fingerprint:
+        self.fingerprints += 1
+        return _fingerprint_of(body, query, h.ignore)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + _SWEEP_EVERY_S
+        pairs = self._pairs
+        while pairs:
+            key, h = next(iter(pairs.items()))
+            if now - h.last_seen >= h.config.window_s:
+                del pairs[key]  # every failure it holds is out of the window
+                self.expired += 1
+            else:
+                break
+        while len(pairs) > self._max_entries:
+            # NOTE: fails open: the least recently failing pair's history is forgotten,
+            # so a flood of agent ids cannot take memory.
+            pairs.popitem(last=False)
+            self.evicted += 1
