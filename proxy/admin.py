@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from .approvals import add_admin_routes
+
 if TYPE_CHECKING:
     from .app import Regate
 
@@ -31,11 +33,17 @@ def admin_app(regate: "Regate") -> web.Application:
     app = web.Application()
     token = regate.cfg.admin.token
 
+    expected = f"Bearer {token}".encode() if token else None
+
     @web.middleware
     async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if token and request.path.startswith("/admin/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # Health and metrics stay open for probes and scrapers; every operator
+        # action needs the token, and without a configured token there is none.
+        if request.path.startswith("/admin/"):
+            if expected is None:
+                return _error(401, "unauthenticated", "the admin API is disabled: set admin.token in regate.yaml")
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
                 return _error(401, "unauthenticated", "admin API needs Authorization: Bearer <admin.token>")
         return await handler(request)
 
@@ -104,6 +112,7 @@ def admin_app(regate: "Regate") -> web.Application:
         regate.breakers.reset(tool, time.monotonic())
         return _json({"reset": tool, "state": regate.breakers.state(tool, time.monotonic())})
 
+    add_admin_routes(app, regate)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{tool}/reset", breaker_reset)
     app.router.add_get("/admin/gpu", gpu)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Any
 from aiohttp import web
 
 from .audit import AuditLog, AuditLogCorrupt
@@ -18,6 +19,7 @@ from .config import Config
 from .engines import BundleError, Engine, build_engine
 from .metrics import Metrics
 from .pipeline import Pipeline, Stage
+from .approvals import build_stage
 from .breakers import Breakers, build
 from .gpu import AdmissionConfig, AdmissionController, GpuCollector, GpuUnavailable, open_view
 from .limits import LimitsError, LimitStores, open_limit_stores
@@ -45,6 +47,8 @@ class Regate:
         self.limit_stores: LimitStores | None = None
         self.gpu: GpuAdmission | None = None
         self.breakers: Breakers | None = None
+        self.policy: PolicyStage | None = None
+        self.approvals: Any = None
         self.ratelimit: RateLimit | None = None
         self.engine: Engine = build_engine(cfg)
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers())
@@ -83,12 +87,18 @@ class Regate:
             ReadBody(needs_body=cfg.policy.engine != "off"),
         ]
         if cfg.policy.engine != "off":
-            stages.append(PolicyStage(cfg, self.engine, self.metrics or Metrics()))
+            self.policy = PolicyStage(cfg, self.engine, self.metrics or Metrics())
+            stages.append(self.policy)
         if cfg.limits.enabled:
             stages.append(self._ratelimit_stage())
         self.breakers = self._breakers()
         if self.breakers is not None:
             stages.append(BreakerStage(self.breakers, self.metrics))
+        self.approvals = build_stage(self)
+        if self.approvals is not None:
+            stages.append(self.approvals)
+            if self.policy is not None:
+                self.policy.approvals_enabled = True
         if self._gpu_wanted():
             self.gpu = GpuAdmission(self.metrics or Metrics())
             stages.append(self.gpu)

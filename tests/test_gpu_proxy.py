@@ -73,7 +73,7 @@ async def test_reservation_released_on_upstream_error_and_client_disconnect(rega
                              timeout=aiohttp.ClientTimeout(total=0.3)) as r:
                 await r.read()
         await asyncio.sleep(1.2)  # the upstream call finishes; Regate releases
-        async with s.get(regate.admin_url + "/admin/gpu") as r:
+        async with s.get(regate.admin_url + "/admin/gpu", headers=regate.admin_headers) as r:
             snap = await r.json()
         assert snap["devices"][0]["reserved_mb"] == 0
         assert (await get(s, regate.url, "/tools/infer/x"))[0] == 200

@@ -216,7 +216,7 @@ async def test_reload_keeps_old_bundle_on_error_and_is_atomic_under_load(upstrea
             # A broken policy: the reload fails with file and line, the old bundle keeps serving.
             good = (rego / "policy.rego").read_text()
             (rego / "policy.rego").write_text(good + "\nbroken := {\n")
-            async with s.post(proc.admin_url + "/admin/reload") as r:
+            async with s.post(proc.admin_url + "/admin/reload", headers=proc.admin_headers) as r:
                 assert r.status == 422
                 body = await r.json()
                 assert "policy.rego" in body["error"]["message"]
@@ -236,7 +236,7 @@ async def test_reload_keeps_old_bundle_on_error_and_is_atomic_under_load(upstrea
             async def flipper():
                 for name in ("B", "A", "B", "A", "B"):
                     (data / "which.yaml").write_text(f"name: {name}\n")
-                    async with s.post(proc.admin_url + "/admin/reload") as r:
+                    async with s.post(proc.admin_url + "/admin/reload", headers=proc.admin_headers) as r:
                         assert r.status == 200
                         revisions[(await r.json())["revision"]] = name
                     await asyncio.sleep(0.05)
@@ -266,7 +266,7 @@ async def test_reload_decisions_match_their_revision(upstream, keys_file, tmp_pa
 
             for name in ("A", "B", "A"):
                 (data / "which.yaml").write_text(f"name: {name}\n")
-                async with s.post(proc.admin_url + "/admin/reload") as r:
+                async with s.post(proc.admin_url + "/admin/reload", headers=proc.admin_headers) as r:
                     names[(await r.json())["revision"]] = name
                 await asyncio.gather(*(one() for _ in range(50)))
         for rev, bundle in pairs:

@@ -215,3 +215,29 @@ async def test_sse_events_arrive_one_by_one(regate):
     # The first event is seen long before the stream ends, and they are spread out.
     assert arrivals[0] < 0.35
     assert arrivals[-1] - arrivals[0] > 1.0
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/admin/reload"), ("GET", "/admin/breakers"), ("POST", "/admin/breakers/echo/reset"),
+    ("GET", "/admin/gpu"), ("GET", "/admin/approvals"),
+])
+async def test_admin_api_needs_the_token_and_is_not_on_the_data_plane(regate, method, path):
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-admin-token"}):
+            async with s.request(method, regate.admin_url + path, headers=headers) as r:
+                assert r.status == 401, (path, headers)
+                assert (await r.json())["error"]["code"] == "unauthenticated"
+        async with s.request(method, regate.url + path, headers=H()) as r:
+            assert r.status == 404  # the data plane serves no admin path
+
+
+async def test_health_and_metrics_are_open(regate):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(regate.admin_url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(regate.url + "/tools/echo/m", headers=H()) as r:
+            assert r.status == 200
+        async with s.get(regate.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'regate_requests_total{outcome="forwarded",status="200",tool="echo"}' in text
+    assert "regate_added_seconds_bucket" in text and "regate_upstream_seconds_bucket" in text

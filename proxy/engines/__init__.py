@@ -1,25 +1,76 @@
-# TEMPORARY shim written by the core engineer so the proxy can be tested
-# before the engines land; helper-1 owns this file and replaces it whole.
-from .decision import Decision
+"""Policy engines: one interface, chosen by ``policy.engine`` in regate.yaml.
+
+``embedded`` evaluates the bundle in-process with regorus; ``opa`` asks an OPA
+server over its REST Data API; ``off`` allows every call (no policy stage
+work at all: for benchmarks and for deployments that only want limits and the
+audit log). Every engine answers ``evaluate(input) -> Decision`` or raises
+``EngineError`` (could not answer) / ``DecisionError`` (answered nonsense or
+nothing); the policy stage decides what either means for the call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .bundle import Bundle, BundleError, load_bundle
+from .decision import Decision, DecisionError, EngineError, normalise, parse_decision
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+
+__all__ = [
+    "Bundle", "BundleError", "Decision", "DecisionError", "Engine", "EngineError", "OffEngine",
+    "build_engine", "load_bundle", "normalise", "parse_decision",
+]
 
 
-class BundleError(Exception):
-    problems: list = []
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    #: Content hash of the bundle the engine evaluates ("sha256:ab12cd34ef56").
+    revision: str
+
+    async def start(self) -> None: ...
+
+    async def evaluate(self, input: dict) -> Decision: ...  # noqa: A002
+
+    async def reload(self) -> str: ...
+
+    async def close(self) -> None: ...
 
 
-class Engine:
-    pass
+class OffEngine:
+    """``policy.engine: off``: every call is allowed, with no reasons."""
 
-
-class _Off:
     name = "off"
     revision = "off"
 
-    async def start(self): pass
-    async def close(self): pass
-    async def reload(self): return "off"
-    async def evaluate(self, doc): return Decision(True)
+    async def start(self) -> None:
+        return None
+
+    async def evaluate(self, input: dict) -> Decision:  # noqa: A002
+        # NOTE: allows everything by design; the operator switched policy off.
+        return Decision(True)
+
+    async def reload(self) -> str:
+        return self.revision
+
+    async def close(self) -> None:
+        return None
 
 
-def build_engine(cfg):
-    return _Off()
+def build_engine(cfg: "Config") -> Engine:
+    """The engine regate.yaml asks for, not yet started (``await engine.start()``)."""
+    policy = cfg.policy
+    if policy.engine == "off":
+        return OffEngine()
+    rego_dir = cfg.path(policy.rego)
+    data_dir = cfg.path(policy.data)
+    if policy.engine == "opa":
+        from .opa import OpaEngine
+
+        return OpaEngine(policy.opa.url, policy.decision, timeout_ms=policy.timeout_ms,
+                         token=policy.opa.token, rego_dir=rego_dir, data_dir=data_dir)
+    from .embedded import EmbeddedEngine
+
+    return EmbeddedEngine(rego_dir, data_dir, policy.decision)

@@ -82,10 +82,12 @@ def _num(doc: dict, key: str, where: str, *, integer: bool = False) -> float | i
     return int(v) if integer else v
 
 
-def parse_decision(raw: Any) -> Decision:
+def parse_decision(raw: Any, *, from_json: bool = False) -> Decision:
+    """``from_json``: the value was decoded from JSON, so it holds no sets to normalise."""
     if raw is None:
         raise DecisionError("decision is undefined (no rule produced a value)")
-    raw = normalise(raw)
+    if not from_json:
+        raw = normalise(raw)
     if not isinstance(raw, dict):
         raise DecisionError(f"decision must be an object, got {type(raw).__name__}")
     allow = raw.get("allow")

@@ -45,6 +45,8 @@ class PolicyStage:
         self.metrics = metrics
         self.mode = cfg.policy.mode
         self.hidden_headers = CREDENTIAL_HEADERS | {cfg.auth.header.lower()}
+        # Set by the app when an approval stage follows this one.
+        self.approvals_enabled = False
 
     def input_document(self, call: Call) -> dict[str, Any]:
         request = call.request
@@ -116,7 +118,7 @@ class PolicyStage:
                     self.metrics.would_deny.labels(call.tool.name, reason).inc()
             else:
                 return Rejection(403, "policy_denied", "the policy refused this call", reasons=decision.reasons)
-        elif decision.approval_required and not call.extra.get("approval_stage"):
+        elif decision.approval_required and not self.approvals_enabled:
             # The approval inbox arrives with its own stage; until one is wired,
             # a call that needs a human cannot run (fail closed).
             return Rejection(403, "approval_unavailable",

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-token"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def free_port() -> int:
@@ -79,7 +81,7 @@ class RegateProcess(Process):
         cfg = dict(cfg)
         cfg.setdefault("listen", f"127.0.0.1:{self.port}")
         cfg.setdefault("admin", {})
-        cfg["admin"] = {"listen": f"127.0.0.1:{self.admin_port}", **cfg["admin"]}
+        cfg["admin"] = {"listen": f"127.0.0.1:{self.admin_port}", "token": ADMIN_TOKEN, **cfg["admin"]}
         cfg.setdefault("audit", {"dir": str(tmp / "audit")})
         self.config_path = tmp / f"regate-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
@@ -89,3 +91,4 @@ class RegateProcess(Process):
         super().__init__(cmd + list(extra_args), f"http://127.0.0.1:{self.admin_port}/healthz")
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.admin_headers = dict(ADMIN_HEADERS)

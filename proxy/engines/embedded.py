@@ -1,0 +1,497 @@
+"""The embedded engine: the bundle's Rego evaluated in-process by regorus.
+
+Loading does everything that can fail: parse every module, run regorus's
+static checks, refuse builtins regorus lacks (naming them and pointing at
+``policy.engine: opa``), and check that the decision rule exists. A reload
+builds a complete new compiled bundle beside the serving one and swaps one
+reference, so a call is evaluated against the old bundle or the new one,
+never a half-loaded mix; a reload that fails leaves the old one serving.
+
+Evaluation is synchronous (regorus holds the GIL and its objects are bound to
+the thread that made them, so everything here runs on the event loop
+thread). Two things keep it cheap: the input is cut down to the fields the
+policy can read (the AST says which) before regorus parses it, and decisions
+are memoised per projected input, unless the policy calls a builtin whose
+answer can change between two identical inputs (time, randomness, network).
+
+Why the tree-walking interpreter and not regorus's RVM (its bytecode VM, 3-5x
+faster here): on regorus 0.13 the RVM gets undefined wrong, e.g.
+``r if { x := input.missing }`` is true and ``else`` branches are skipped,
+which for a policy engine means calls allowed that OPA denies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+# NOTE: regorus reports errors through anyhow, which captures a Rust backtrace
+# for every error when RUST_BACKTRACE is set: about 100 ms of CPU per error, on
+# the request path. Error messages need no backtrace; an explicit setting wins.
+os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
+
+import regorus  # noqa: E402
+
+from .bundle import Bundle, BundleError, load_bundle
+from .decision import Decision, DecisionError, EngineError, parse_decision
+
+#: What eval_rule_as_json prints for an undefined rule.
+_UNDEFINED_JSON = '"<undefined>"'
+
+
+class _Undefined:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNDEFINED"
+
+
+#: The value of a rule that produced nothing (OPA's "undefined").
+UNDEFINED: Any = _Undefined()
+
+#: Builtins whose result can differ between two evaluations of one input:
+#: a policy calling any of them is never memoised.
+NONDETERMINISTIC = frozenset({
+    "time.now_ns", "rand.intn", "uuid.rfc4122", "http.send", "opa.runtime",
+    "net.lookup_ip_addr", "trace", "print",
+})
+
+_MEMO_SIZE = 4096
+
+_LOCATION = re.compile(r"-->\s*(?P<file>.+?):(?P<line>\d+):(?P<col>\d+)")
+_ERROR_LINE = re.compile(r"^error: (?P<msg>.*)$", re.M)
+
+
+def format_regorus_error(exc: BaseException) -> str:
+    """regorus's multi-line error (source excerpt, caret, backtrace) as ``file:line:col: message``."""
+    text = str(exc).split("\nStack backtrace:", 1)[0].split("\nCaused by:", 1)[0]
+    m = _ERROR_LINE.search(text)
+    msg = m.group("msg").strip() if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), repr(exc))
+    loc = _LOCATION.search(text)
+    if loc:
+        return f"{loc.group('file')}:{loc.group('line')}:{loc.group('col')}: {msg}"
+    return msg
+
+
+# --- What the AST tells us --------------------------------------------------
+
+
+@dataclass
+class Call:
+    name: str
+    nargs: int
+    where: str
+    builtin: bool
+
+
+@dataclass
+class PolicyScan:
+    """The facts about a bundle's modules the engine needs before serving it."""
+
+    calls: list[Call] = field(default_factory=list)
+    # Static paths under input that the policy reads; None: it may read anything.
+    input_paths: list[tuple[str, ...]] | None = field(default_factory=list)
+
+    @property
+    def builtins(self) -> set[str]:
+        return {c.name for c in self.calls if c.builtin}
+
+
+def _ref_parts(node: dict) -> tuple[str | None, list[str | None], dict | None]:
+    """(root variable, path parts from the root, None for a dynamic part, leftover non-ref node)."""
+    parts: list[str | None] = []
+    cur = node
+    while True:
+        if "RefDot" in cur:
+            parts.append(cur["RefDot"]["field"][-1])
+            cur = cur["RefDot"]["refr"]
+        elif "RefBrack" in cur:
+            idx = cur["RefBrack"]["index"]
+            lit = idx.get("String") or idx.get("RawString")
+            parts.append(lit["value"] if lit is not None else None)
+            cur = cur["RefBrack"]["refr"]
+        elif "Var" in cur:
+            return cur["Var"]["value"], parts[::-1], None
+        else:
+            return None, parts[::-1], cur
+
+
+def _static_name(node: dict) -> list[str] | None:
+    root, parts, _ = _ref_parts(node)
+    if root is None or any(p is None for p in parts):
+        return None
+    return [root, *parts]  # type: ignore[list-item]
+
+
+def scan_modules(ast_json: str, *, skip_tests: bool = True) -> PolicyScan:
+    """Walk regorus's AST: calls (user function or builtin) and the input paths read."""
+    modules = [m for m in orjson.loads(ast_json)
+               if not (skip_tests and m["source"]["file"].endswith("_test.rego"))]
+    rules: dict[tuple[str, ...], set[str]] = {}
+    prepared = []
+    for mod in modules:
+        ast = mod["ast"]
+        pkg = tuple(_static_name(ast["package"]["refr"]) or ())
+        names = rules.setdefault(pkg, set())
+        for rule in ast["rules"]:
+            body = next(iter(rule.values()))
+            ref = body.get("refr")  # default rules carry their ref directly
+            if ref is None and body.get("head"):
+                ref = next(iter(body["head"].values())).get("refr")
+            if ref is not None:
+                root, _, _ = _ref_parts(ref)
+                if root:
+                    names.add(root)
+        contents = mod["source"]["contents"].encode()
+        aliases: dict[str, list[str]] = {}
+        for imp in ast.get("imports", []):
+            path = _static_name(imp["refr"]) or []
+            span = imp.get("as")
+            alias = contents[span["start"]:span["end"]].decode() if span else (path[-1] if path else "")
+            aliases[alias] = path
+        prepared.append((mod, pkg, aliases))
+    scan = PolicyScan()
+    for mod, pkg, aliases in prepared:
+        _Walker(scan, mod["source"]["file"], pkg, aliases, rules).walk(mod["ast"])
+    return scan
+
+
+class _Walker:
+    def __init__(self, scan: PolicyScan, file: str, pkg: tuple[str, ...], aliases: dict[str, list[str]],
+                 rules: dict[tuple[str, ...], set[str]]):
+        self.scan = scan
+        self.file = file
+        self.pkg = pkg
+        self.aliases = aliases
+        self.rules = rules
+
+    def read(self, path: tuple[str, ...]) -> None:
+        if not path:
+            self.scan.input_paths = None  # the whole input: a call argument, `with`, ...
+        elif self.scan.input_paths is not None:
+            self.scan.input_paths.append(path)
+
+    def walk(self, node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self.walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if "RefDot" in node or "RefBrack" in node:
+            self.ref(node)
+            return
+        var = node.get("Var")
+        if isinstance(var, dict) and "value" in var:
+            if var["value"] == "input":
+                self.read(())
+            return
+        call = node.get("Call")
+        if isinstance(call, dict) and "fcn" in call:
+            name = _static_name(call["fcn"])
+            if name is None:
+                self.walk(call["fcn"])
+            else:
+                span = call.get("span") or {}
+                self.scan.calls.append(Call(
+                    ".".join(name), len(call.get("params") or []),
+                    f"{self.file}:{span.get('line', '?')}:{span.get('col', '?')}",
+                    builtin=not self._user_function(name),
+                ))
+            self.walk(call.get("params"))
+            return
+        for key, value in node.items():
+            if key != "span":
+                self.walk(value)
+
+    def _user_function(self, name: list[str]) -> bool:
+        # data.lib.f(x), lib.f(x) through `import data.lib`, or f(x) of this package.
+        return name[0] == "data" or name[0] in self.aliases or name[0] in self.rules.get(self.pkg, ())
+
+    def ref(self, node: dict) -> None:
+        root, parts, leftover = _ref_parts(node)
+        if leftover is not None:
+            self.walk(leftover)
+        # Dynamic parts (input.x[y]) are expressions of their own: walk them.
+        cur = node
+        while "RefDot" in cur or "RefBrack" in cur:
+            if "RefBrack" in cur:
+                idx = cur["RefBrack"]["index"]
+                if not (idx.get("String") or idx.get("RawString")):
+                    self.walk(idx)
+                cur = cur["RefBrack"]["refr"]
+            else:
+                cur = cur["RefDot"]["refr"]
+        if root == "input":
+            prefix = parts
+        elif root in self.aliases and self.aliases[root][:1] == ["input"]:
+            # `import input.request as req` then `req.x`: read through the alias.
+            prefix = [*self.aliases[root][1:], *parts]
+        else:
+            return
+        static: list[str] = []
+        for p in prefix:
+            if p is None:
+                break
+            static.append(p)
+        self.read(tuple(static))
+
+
+@functools.lru_cache(maxsize=512)
+def regorus_has_builtin(name: str, nargs: int) -> bool:
+    """Whether regorus implements ``name``: evaluate a call to it and read the error."""
+    engine = regorus.Engine()
+    args = ", ".join(["null"] * nargs)
+    try:
+        engine.add_policy("probe.rego", f"package regate_probe\n\nx := {name}({args})\n")
+        engine.eval_rule("data.regate_probe.x")
+    except RuntimeError as exc:
+        return "could not find function" not in str(exc)
+    return True
+
+
+def missing_builtins(scan: PolicyScan) -> list[str]:
+    """One problem line per call to a builtin regorus does not implement."""
+    problems: list[str] = []
+    for call in scan.calls:
+        if call.builtin and not regorus_has_builtin(call.name, call.nargs):
+            problems.append(
+                f"{call.where}: {call.name} is not available in the embedded engine (regorus). "
+                "Verify tokens in Regate's identify stage and pass the claims in input, or evaluate "
+                "this bundle with an OPA server: set `policy.engine: opa` in regate.yaml."
+            )
+    return list(dict.fromkeys(problems))
+
+
+def _projection(paths: list[tuple[str, ...]] | None) -> dict | None:
+    """The tree of input fields to keep; None keeps the whole input."""
+    if paths is None:
+        return None
+    tree: dict = {}
+    for path in sorted(paths, key=len):
+        node = tree
+        for key in path[:-1]:
+            child = node.get(key)
+            if child is True:
+                break
+            if child is None:
+                child = node[key] = {}
+            node = child
+        else:
+            node[path[-1]] = True
+    return tree
+
+
+def project(value: Any, tree: dict | None) -> Any:
+    """The part of ``value`` that the projection tree keeps."""
+    if tree is None or not isinstance(value, dict):
+        return value
+    out = {}
+    for key, sub in tree.items():
+        if key in value:
+            v = value[key]
+            out[key] = v if sub is True else project(v, sub)
+    return out
+
+
+# --- The compiled bundle -----------------------------------------------------
+
+
+def _rule_path(decision: str) -> str:
+    return "data." + decision.strip("/").replace("/", ".")
+
+
+class CompiledBundle:
+    """One bundle loaded into regorus, ready to evaluate one rule."""
+
+    __slots__ = ("engine", "rule", "revision", "bundle", "projection", "memo", "memo_size")
+
+    def __init__(self, bundle: Bundle, decision: str, *, memo_size: int = _MEMO_SIZE) -> None:
+        self.bundle = bundle
+        self.revision = bundle.revision
+        self.rule = _rule_path(decision)
+        engine = regorus.Engine()
+        problems: list[str] = []
+        serving = [m for m in bundle.modules if not m.is_test]
+        for module in serving:
+            try:
+                engine.add_policy(module.name, module.source)
+            except RuntimeError as exc:
+                problems.append(format_regorus_error(exc))
+        if problems:
+            raise BundleError(problems)
+        ast_json = engine.get_ast_as_json()
+        scan = scan_modules(ast_json)
+        problems = missing_builtins(scan)
+        if problems:
+            raise BundleError(problems)
+        try:
+            engine.add_data_json(bundle.data_json)
+        except RuntimeError as exc:
+            raise BundleError(f"data: {format_regorus_error(exc)}") from None
+        try:
+            # The first evaluation runs regorus's static checks over every
+            # module (unsafe variables, recursion): do it now, not on a call.
+            engine.eval_query("true")
+        except RuntimeError as exc:
+            raise BundleError(format_regorus_error(exc)) from None
+        self._check_rule(engine)
+        self.projection = _projection(scan.input_paths)
+        deterministic = not any(c.name in NONDETERMINISTIC for c in scan.calls)
+        self.memo: dict[str, Any] | None = {} if deterministic and memo_size > 0 else None
+        self.memo_size = memo_size
+        self.engine = engine
+
+    def _check_rule(self, engine: regorus.Engine) -> None:
+        try:
+            engine.set_input_json("{}")
+            engine.eval_rule_as_json(self.rule)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "not a valid rule path" in text:
+                raise BundleError(
+                    f"{self.rule} is not defined by any module of the bundle "
+                    "(policy.decision in regate.yaml names the rule Regate asks for)"
+                ) from None
+            if "recursion detected" in text:
+                # A cycle does not depend on the input: every call would fail.
+                raise BundleError(format_regorus_error(exc)) from None
+            # Any other error comes from evaluating with an empty input; a
+            # real call carries a full input document. Nothing to report.
+
+    def _eval_text(self, text: str) -> str:
+        engine = self.engine
+        try:
+            engine.set_input_json(text)
+            return engine.eval_rule_as_json(self.rule)
+        except RuntimeError as exc:
+            raise EngineError(f"policy evaluation failed: {format_regorus_error(exc)}") from None
+
+    def _input_text(self, input_doc: dict) -> str:
+        try:
+            return orjson.dumps(project(input_doc, self.projection)).decode()
+        except TypeError as exc:  # orjson.JSONEncodeError
+            raise EngineError(f"the input document is not JSON: {exc}") from None
+
+    def evaluate_raw(self, input_doc: dict) -> Any:
+        """The rule's value as JSON carries it (sets as sorted arrays), or UNDEFINED."""
+        out = self._eval_text(self._input_text(input_doc))
+        return UNDEFINED if out == _UNDEFINED_JSON else orjson.loads(out)
+
+    def decide(self, input_doc: dict) -> Decision:
+        text = self._input_text(input_doc)
+        memo = self.memo
+        if memo is not None:
+            hit = memo.get(text)
+            if hit is not None:
+                if isinstance(hit, str):
+                    raise DecisionError(hit)
+                return _copy(hit)
+        out = self._eval_text(text)
+        try:
+            if out == _UNDEFINED_JSON:
+                raise DecisionError(f"decision is undefined: no rule of {self.rule} produced a value for this input")
+            decision = parse_decision(orjson.loads(out), from_json=True)
+        except DecisionError as exc:
+            if memo is not None:
+                self._remember(memo, text, str(exc))
+            raise
+        if memo is not None:
+            self._remember(memo, text, decision)
+            return _copy(decision)
+        return decision
+
+    def _remember(self, memo: dict[str, Any], key: str, value: Any) -> None:
+        if len(memo) >= self.memo_size:
+            del memo[next(iter(memo))]  # oldest first: dicts keep insertion order
+        memo[key] = value
+
+
+_DECISION_SLOTS = Decision.__slots__
+
+
+def _copy(d: Decision) -> Decision:
+    """A memoised decision handed out fresh, so no caller can change another's
+    lists and headers (``raw`` and ``limits`` stay shared: read them only)."""
+    c = Decision.__new__(Decision)
+    for name in _DECISION_SLOTS:
+        setattr(c, name, getattr(d, name))
+    c.reasons = list(d.reasons)
+    c.headers_set = dict(d.headers_set)
+    c.headers_remove = list(d.headers_remove)
+    c.approval_mask = list(d.approval_mask)
+    return c
+
+
+class EmbeddedEngine:
+    """Engine protocol over regorus; see the module docstring."""
+
+    name = "embedded"
+
+    def __init__(self, rego_dir: str | Path, data_dir: str | Path | None,
+                 decision: str = "regate/decision", *, memo_size: int = _MEMO_SIZE) -> None:
+        self.rego_dir = Path(rego_dir)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.decision = decision
+        self.memo_size = memo_size
+        self._compiled: CompiledBundle | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, decision: str = "regate/decision", *,
+                    memo_size: int = _MEMO_SIZE) -> "EmbeddedEngine":
+        engine = cls(bundle.rego_dir or Path("."), bundle.data_dir, decision, memo_size=memo_size)
+        engine._compiled = CompiledBundle(bundle, decision, memo_size=memo_size)
+        return engine
+
+    @property
+    def revision(self) -> str:
+        return self._compiled.revision if self._compiled else "unloaded"
+
+    @property
+    def compiled(self) -> CompiledBundle:
+        if self._compiled is None:
+            raise EngineError("the embedded engine has not been started")
+        return self._compiled
+
+    def load(self) -> str:
+        """Load (or reload) synchronously; BundleError leaves the serving bundle in place."""
+        bundle = load_bundle(self.rego_dir, self.data_dir)
+        self._compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size)
+        return self._compiled.revision
+
+    async def start(self) -> None:
+        if self._compiled is None:
+            await self.reload()
+
+    async def evaluate(self, input: dict) -> Decision:  # noqa: A002 - the protocol's name
+        # No await: the decision is computed on the loop without yielding.
+        compiled = self._compiled
+        if compiled is None:
+            raise EngineError("the embedded engine has not been started")
+        return compiled.decide(input)
+
+    def evaluate_raw(self, input: dict) -> Any:  # noqa: A002
+        return self.compiled.evaluate_raw(input)
+
+    async def reload(self) -> str:
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            # Reading files and parsing YAML happens off the loop; regorus
+            # objects must be made on the thread that uses them (the loop).
+            bundle = await asyncio.to_thread(load_bundle, self.rego_dir, self.data_dir)
+            compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size)
+            # The swap: one reference. A call sees the old bundle or the new one.
+            self._compiled = compiled
+            return compiled.revision
+
+    async def close(self) -> None:
+        self._compiled = None

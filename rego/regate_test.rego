@@ -1,0 +1,195 @@
+# Tests of the example policy: `regate policy test` (or `opa test rego/
+# policies/`) runs every test_* rule; a test passes when it is true.
+#
+# Each test builds an input document with call() and evaluates the decision
+# `with input as` that document; `with data.agents as {...}` swaps the agent
+# list, so a test does not depend on who is in policies/agents.yaml today.
+package regate_test
+
+import data.regate
+
+# An input document as Regate's policy stage builds it (DESIGN.md).
+call(agent, tool, method, path, body) := {
+	"version": 1,
+	"agent": {"id": agent, "claims": {}},
+	"tool": {"name": tool, "route": concat("", ["/tools/", tool]), "gpu": null},
+	"request": {
+		"method": method,
+		"path": path,
+		"query": {},
+		"headers": {"content-type": "application/json"},
+		"body": body,
+		"body_sha256": "",
+		"size": 0,
+	},
+	"mcp": null,
+	"state": {"breaker": "closed", "recent_failures": 0, "budget_left": 40.0},
+	"time_ns": 1767225600000000000,
+}
+
+shell(agent, command) := call(agent, "shell", "POST", "/tools/shell/run", {"command": command})
+
+pay(agent, amount) := call(agent, "payments", "POST", "/tools/payments/pay", {"amount": amount, "to": "ACME"})
+
+decide(inp) := d if {
+	d := regate.decision with input as inp
+}
+
+denied_with(inp, fragment) if {
+	d := decide(inp)
+	d.allow == false
+	some reason in d.reasons
+	contains(reason, fragment)
+}
+
+# --- grants ------------------------------------------------------------------
+
+test_public_tool_open_to_every_identified_agent if {
+	decide(call("someone-new", "search", "GET", "/tools/search/q", null)).allow
+	decide(call("someone-new", "echo", "POST", "/tools/echo/", {"x": 1})).allow
+}
+
+test_public_tool_methods_still_apply if {
+	denied_with(call("someone-new", "search", "DELETE", "/tools/search/q", null), "only with GET, POST")
+}
+
+test_agent_without_grant_is_refused if {
+	denied_with(shell("analyst-2", "ls"), "no grant for the tool 'shell'")
+}
+
+test_unknown_agent_is_refused if {
+	denied_with(shell("intruder", "ls"), "Agent 'intruder' has no grant")
+}
+
+test_call_without_identity_is_refused if {
+	inp := json.patch(shell("x", "ls"), [{"op": "replace", "path": "/agent", "value": {"claims": {}}}])
+	denied_with(inp, "no agent identity")
+}
+
+test_method_outside_grant_is_refused if {
+	denied_with(call("coder-7", "shell", "GET", "/tools/shell/run", {"command": "ls"}), "only with POST, not with 'GET'")
+}
+
+test_grants_come_from_data if {
+	d := decide(shell("new-agent", "ls")) with data.agents as {"new-agent": {"tools": {"shell": {"methods": ["POST"]}}}}
+	d.allow
+}
+
+# --- shell -------------------------------------------------------------------
+
+test_shell_allows_a_harmless_command if {
+	d := decide(shell("coder-7", "ls -la /workspace && grep -r TODO src/"))
+	d.allow
+	count(d.reasons) == 0
+}
+
+test_shell_refuses_recursive_delete if {
+	denied_with(shell("coder-7", "rm -rf /"), "recursive deletion")
+	denied_with(shell("coder-7", "cd /tmp && rm -r -f build"), "recursive deletion")
+	denied_with(shell("coder-7", "rm --recursive --force ~"), "recursive deletion")
+}
+
+test_shell_allows_plain_rm_of_one_file if {
+	decide(shell("coder-7", "rm notes.txt")).allow
+}
+
+test_shell_refuses_mkfs_dd_and_disk_writes if {
+	denied_with(shell("coder-7", "mkfs.ext4 /dev/sdb1"), "formatting a file system")
+	denied_with(shell("coder-7", "dd if=/dev/zero of=/dev/sda bs=1M"), "raw bytes to a device")
+	denied_with(shell("coder-7", "cat image > /dev/nvme0n1"), "disk device")
+}
+
+test_shell_refuses_shutdown_and_fork_bomb if {
+	denied_with(shell("coder-7", "sudo shutdown -h now"), "shutting down")
+	denied_with(shell("coder-7", ":(){ :|:& };:"), "fork bomb")
+}
+
+test_shell_needs_a_command if {
+	denied_with(call("coder-7", "shell", "POST", "/tools/shell/run", {"cmd": "ls"}), "needs a string argument 'command'")
+}
+
+test_shell_refusal_names_the_command if {
+	d := decide(shell("coder-7", "rm -rf /"))
+	# reasons is a set: compare with a set literal ({...}), never an array.
+	d.reasons == {"The command 'rm -rf /' was refused: it looks like recursive deletion (rm -r / rm -rf). Destructive commands are not allowed through the shell tool; find a non-destructive way or ask a human."}
+}
+
+# --- files -------------------------------------------------------------------
+
+test_files_inside_the_workspace if {
+	decide(call("coder-7", "files", "GET", "/tools/files/workspace/src/main.py", null)).allow
+	decide(call("coder-7", "files", "PUT", "/tools/files/workspace/out.txt", null)).allow
+}
+
+test_files_outside_the_workspace if {
+	denied_with(call("coder-7", "files", "GET", "/tools/files/etc/passwd", null), "outside '/workspace/'")
+}
+
+test_files_refuses_dot_dot if {
+	denied_with(call("coder-7", "files", "GET", "/tools/files/workspace/../etc/shadow", null), "contains '..'")
+	denied_with(call("coder-7", "files", "GET", "/tools/files/workspace/%2E%2E/etc/shadow", null), "encoded dot")
+}
+
+test_files_root_from_the_grant if {
+	decide(call("analyst-2", "files", "GET", "/tools/files/workspace/reports/q3.csv", null)).allow
+	denied_with(call("analyst-2", "files", "GET", "/tools/files/workspace/src/main.py", null), "outside '/workspace/reports/'")
+}
+
+# --- payments ----------------------------------------------------------------
+
+test_small_payment_needs_no_approval if {
+	d := decide(pay("analyst-2", 40))
+	d.allow
+	d.approval.required == false
+}
+
+test_large_payment_needs_a_human if {
+	d := decide(pay("analyst-2", 250))
+	d.allow
+	d.approval.required
+	contains(d.approval.reason, "250 USD is above the 100 USD")
+}
+
+test_payment_above_the_hard_limit_is_refused if {
+	denied_with(pay("analyst-2", 9000), "above the limit of 5000 USD")
+}
+
+test_payment_needs_a_positive_amount if {
+	denied_with(pay("analyst-2", "100"), "positive number argument 'amount'")
+	denied_with(pay("analyst-2", -5), "positive number argument 'amount'")
+}
+
+# --- MCP ---------------------------------------------------------------------
+
+mcp_call(agent, name) := object.union(call(agent, "tickets", "POST", "/tools/tickets/mcp", null), {"mcp": {
+	"method": "tools/call",
+	"tool": name,
+	"arguments": {"query": "login"},
+}})
+
+test_mcp_tool_in_the_grant if {
+	decide(mcp_call("support-1", "search_tickets")).allow
+}
+
+test_mcp_tool_outside_the_grant if {
+	denied_with(mcp_call("support-1", "delete_ticket"), "may not call the MCP tool 'delete_ticket'")
+}
+
+# --- what the upstream sees --------------------------------------------------
+
+test_headers_name_the_verified_agent if {
+	d := decide(call("coder-7", "search", "GET", "/tools/search/q", null))
+	d.headers.set == {"X-Regate-Agent": "coder-7"}
+	d.headers.remove == ["X-Agent-Id"]
+}
+
+test_timeout_from_grant_then_tool if {
+	decide(shell("coder-7", "ls")).timeout_ms == 10000
+	decide(shell("coder-7", "ls")).timeout_ms == 30000 with data.agents["coder-7"].tools.shell as {"methods": ["POST"]}
+	decide(call("coder-7", "search", "GET", "/tools/search/q", null)).timeout_ms == null
+}
+
+test_cost_from_tool_settings if {
+	decide(pay("analyst-2", 10)).cost == 5
+	decide(call("coder-7", "files", "GET", "/tools/files/workspace/a", null)).cost == null
+}
