@@ -74,7 +74,7 @@ class Call:
         "body", "body_json", "body_sha256", "body_size", "decision", "revision",
         "shadow_denied", "ended_by", "rejection", "timeout_ms", "set_headers",
         "remove_headers", "upstream_status", "upstream_ns", "response_headers",
-        "cost", "extra", "forwarded",
+        "cost", "extra", "forwarded", "tool_key",
     )
 
     def __init__(self, request: web.Request) -> None:
@@ -84,6 +84,9 @@ class Call:
         self.agent: str | None = None
         self.claims: dict[str, Any] = {}
         self.tool: Tool | None = None
+        # What limits, breakers and the audit key on: the route's tool name, or
+        # "<route>/<mcp tool>" for an MCP tools/call.
+        self.tool_key: str | None = None
         # The part of the path after the tool's prefix, still percent-encoded.
         self.upstream_path = ""
         # Buffered body when a stage needs to read it; None means "stream it".

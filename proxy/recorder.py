@@ -57,7 +57,7 @@ class AuditRecorder:
             "ts": time.time(),
             "decision_id": call.id,
             "agent": call.agent,
-            "tool": tool.name if tool is not None else None,
+            "tool": call.tool_key if tool is not None else None,
             "method": request.method,
             "path": request.path,
             "body_sha256": call.body_sha256,

@@ -33,7 +33,7 @@ class BreakerStage:
     async def enter(self, call: Call) -> Rejection | None:
         request = call.request
         body = call.body_json if call.body_json is not None else call.body
-        verdict = self.breakers.admit(call.agent, call.tool.name, request.method, request.path, body,
+        verdict = self.breakers.admit(call.agent, call.tool_key, request.method, request.path, body,
                                       time.monotonic(), query=request.query_string)
         if not isinstance(verdict, Admission):
             return Rejection(verdict.status, verdict.code, verdict.message, retry_after=verdict.retry_after_s)

@@ -50,8 +50,9 @@ class RateLimit:
     async def enter(self, call: Call) -> Rejection | None:
         agent = call.agent
         tool = call.tool
-        limits = resolve_limits(self.table, agent, tool.name)
-        decision = await self.stores.rate.acquire(agent, tool.name, limits.agent, limits.tool)
+        key = call.tool_key
+        limits = resolve_limits(self.table, agent, key)
+        decision = await self.stores.rate.acquire(agent, key, limits.agent, limits.tool)
         if decision.store_error is not None:
             self.metrics.limit_store_fallback.labels("rate", decision.store_error).inc()
             if decision.store_error == "deny":
@@ -60,7 +61,7 @@ class RateLimit:
                                  retry_after=1)
         headers = decision.headers()
         if not decision.allowed:
-            rej = Rejection(429, "rate_limited", _rate_message(decision, tool.name))
+            rej = Rejection(429, "rate_limited", _rate_message(decision, key))
             retry = decision.retry_after_header()
             rej.headers = dict(headers)
             if retry is not None:

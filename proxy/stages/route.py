@@ -53,6 +53,7 @@ class Route:
         if found is None:
             return Rejection(404, "unknown_tool", f"no tool is routed at {path!r}; tools live under /tools/<name>/")
         call.tool, rest = found
+        call.tool_key = call.tool.name
         call.upstream_path = rest + raw[len(path):]  # the raw query string, untouched
         return None
 
