@@ -56,7 +56,7 @@ class Regate:
         self.recorder: AuditRecorder | None = None
         if cfg.audit.enabled:
             self.audit = AuditLog.from_config(cfg.audit, worker=worker_index, base_dir=cfg.base_dir)
-            self.recorder = AuditRecorder(self.audit, self.metrics or Metrics())
+            self.recorder = AuditRecorder(self.audit, self.metrics or Metrics(), self.engine)
         self.pipeline = Pipeline(self._stages(), self.forwarder, self.metrics, self.recorder)
         self.ready_problems: list[str] = []
         self._runners: list[web.BaseRunner] = []
@@ -102,6 +102,8 @@ class Regate:
         if self._gpu_wanted():
             self.gpu = GpuAdmission(self.metrics or Metrics())
             stages.append(self.gpu)
+        from .stages.mcp import McpStage
+        stages += McpStage.for_config(cfg, self.policy)
         return stages
 
     def _breakers(self) -> Breakers | None:

@@ -587,10 +587,20 @@ def tail(directory: str | os.PathLike, agent: str | None = None, decision: str |
     printed = 0
     offsets: dict[Path, int] = {}
     partial: dict[Path, bytes] = {}
+    # An outcome record carries only what is new; who and what come from its
+    # decision record (bounded: the most recent decisions only).
+    decided: dict[str, dict] = {}
 
     def emit(items: Iterable[tuple[int, dict]]) -> None:
         nonlocal printed
         for worker, d in items:
+            kind = d.get("kind")
+            if kind == "decision" and d.get("decision_id"):
+                decided[d["decision_id"]] = {k: d.get(k) for k in ("agent", "tool", "method", "path", "decision")}
+                if len(decided) > 100_000:
+                    decided.pop(next(iter(decided)))
+            elif kind == "outcome" and d.get("decision_id") in decided:
+                d = {**decided[d["decision_id"]], **d}
             if _matches(d, agent, decision):
                 out.write(format_record(d, worker) + "\n")
                 printed += 1

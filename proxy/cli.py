@@ -216,12 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--decision", default=None, help="allow | deny | shadow_deny | ...")
     at.add_argument("--no-follow", action="store_true", help="print what is there and exit")
     at.set_defaults(func=cmd_audit_tail)
+
+    from .approvals.cli import add_parser as add_approvals_parser
+
+    add_approvals_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `regate audit tail ... | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .audit import AuditLog, AuditUnavailable
 from .pipeline import Call, Rejection
@@ -33,8 +33,10 @@ def _decision_label(call: Call) -> str:
 
 
 class AuditRecorder:
-    def __init__(self, audit: AuditLog, metrics: "Metrics") -> None:
+    def __init__(self, audit: AuditLog, metrics: "Metrics", engine: Any = None) -> None:
         self.audit = audit
+        # Calls refused before the policy stage still name the bundle in force.
+        self.engine = engine
         self.metrics = metrics
         self.lost = metrics.audit_lost
 
@@ -65,7 +67,7 @@ class AuditRecorder:
             "decision": decision,
             "code": rejection.code if rejection is not None else None,
             "reasons": list(reasons),
-            "revision": call.revision,
+            "revision": call.revision or (self.engine.revision if self.engine is not None else None),
             "added_us": (time.perf_counter_ns() - call.started_ns - (call.upstream_ns or 0)) // 1000,
         }
 
@@ -80,9 +82,11 @@ class AuditRecorder:
                             exc, call.id, call.tool.name)
                 self.metrics.fail_open.labels(call.tool.name, "audit").inc()
                 return None
+            # The reason, without the segment's path: where the files live is for
+            # /readyz and operators, not for agents.
             return Rejection(503, "audit_unavailable",
                              "Regate cannot record decisions right now, so it runs no calls; retry shortly",
-                             reasons=[str(exc)], retry_after=1)
+                             reasons=[str(exc).rsplit(" on ", 1)[0]], retry_after=1)
         call.extra["audited"] = True
         return None
 
@@ -90,6 +94,9 @@ class AuditRecorder:
         """The one record of a call a stage ended (or the outcome of a forward that failed)."""
         if call.extra.get("audited"):
             return  # its allow record exists; after_call writes the outcome
+        if call.rejection is not None and call.rejection.code == "audit_unavailable":
+            self.lost.labels("decision").inc()  # the log is known to be down: don't count the refusal twice
+            return
         try:
             await self.audit.append(self._record(call, "decision", "deny"))
         except AuditUnavailable:
@@ -100,11 +107,21 @@ class AuditRecorder:
     def after_call(self, call: Call, status: int, added_ns: int) -> None:
         if not call.extra.get("audited"):
             return
-        rec = self._record(call, "outcome", _decision_label(call))
-        rec["status"] = status
-        rec["upstream_status"] = call.upstream_status
-        rec["upstream_us"] = call.upstream_ns // 1000 if call.upstream_ns is not None else None
-        rec["added_us"] = added_ns // 1000
+        # The outcome names its decision record by id and carries only what is
+        # new: half the bytes to encode and hash on every forwarded call.
+        rejection = call.rejection
+        rec = {
+            "kind": "outcome",
+            "ts": time.time(),
+            "decision_id": call.id,
+            "status": status,
+            "code": rejection.code if rejection is not None else None,
+            "upstream_status": call.upstream_status,
+            "upstream_us": call.upstream_ns // 1000 if call.upstream_ns is not None else None,
+            "added_us": added_ns // 1000,
+        }
+        if call.body_sha256 is not None:
+            rec["body_sha256"] = call.body_sha256  # a streamed body is hashed only as it goes
         try:
             self.audit.append_nowait(rec)
         except AuditUnavailable:
