@@ -44,6 +44,29 @@ class GpuDemand(_Section):
     priority: int = 0
 
 
+class McpOptions(_Section):
+    """How Regate reads an MCP route (`protocol: mcp`); every key has a default."""
+
+    # Largest JSON-RPC batch accepted; a bigger one is refused whole (JSON-RPC -32600).
+    max_batch: int = Field(100, ge=1, le=100_000)
+    # How the allowed messages of a batch reach the server: as one reduced batch
+    # (MCP 2025-03-26 servers), or one POST each (servers that no longer take batches).
+    batch_upstream: Literal["batch", "split"] = "batch"
+    # Remove from tools/list answers the tools the policy would refuse this agent.
+    filter_tools_list: bool = True
+    # A session id Regate did not see created: refuse it (404, the client opens a new
+    # session) or bind it to the first agent that presents it (several workers, no shared store).
+    unknown_sessions: Literal["refuse", "bind"] = "refuse"
+    max_sessions: int = Field(100_000, ge=1)
+    # Longest MCP tool name, and how many distinct names get their own limits/breaker key
+    # (past it, unseen names share `<route>/*`, so a flood of invented names cannot grow tables).
+    max_tool_name_length: int = Field(128, ge=1, le=4096)
+    max_tool_names: int = Field(1000, ge=1)
+    # Largest upstream answer (JSON body or one SSE event) Regate buffers to filter or merge;
+    # a bigger one passes through unfiltered.
+    max_message_bytes: int = Field(16 << 20, ge=1024)
+
+
 class Tool(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     prefix: str | None = None
@@ -53,6 +76,8 @@ class Tool(_Section):
     max_body_bytes: int = Field(1_048_576, ge=0)
     cost: float = Field(1.0, ge=0)
     protocol: Literal["http", "mcp"] = "http"
+    # Only with protocol: mcp (defaults apply when absent).
+    mcp: McpOptions | None = None
     gpu: GpuDemand = GpuDemand()
     fail_open: bool = False
     policy_mode: Literal["enforce", "shadow"] | None = None
@@ -78,6 +103,10 @@ class Tool(_Section):
     def _default_prefix(self) -> "Tool":
         if self.prefix is None and self.host is None:
             object.__setattr__(self, "prefix", f"/tools/{self.name}")
+        if self.mcp is not None and self.protocol != "mcp":
+            raise ValueError("mcp: settings for an MCP route; set protocol: mcp or remove them")
+        if self.mcp is None and self.protocol == "mcp":
+            object.__setattr__(self, "mcp", McpOptions())
         return self
 
 
@@ -133,6 +162,7 @@ class Limits(_Section):
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Redis slower than this counts as down for the call (then on_store_error applies).
+    # It also bounds connection set-up (TCP/TLS/AUTH): raise it for a remote or TLS Redis.
     timeout_ms: int = Field(20, gt=0)
     on_store_error: Literal["local", "deny", "allow"] = "local"
     retry_interval_s: float = Field(1.0, gt=0)
@@ -151,8 +181,22 @@ class Audit(_Section):
 
 
 class Approvals(_Section):
+    enabled: bool = True
+    # hold: the call waits for the human; async: 202 + an id to re-send with.
+    # A decision's approval.mode wins over `tools`, which wins over `mode`.
     mode: Literal["hold", "async"] = "hold"
+    tools: dict[str, Literal["hold", "async"]] = {}
+    # How long a pending approval waits for a human.
     timeout_s: float = Field(120, gt=0)
+    # async: how long after the approval the agent may re-send the call.
+    use_within_s: float = Field(600, gt=0)
+    # How long decided approvals stay readable (admin API, inbox, re-send answers).
+    retain_s: float = Field(86_400, gt=0)
+    # Pending approvals at most (all replicas sharing a store); past it, 503.
+    max_pending: int = Field(1000, ge=1)
+    # null: the limits section's store and redis_url, so one Redis serves both.
+    store: Literal["memory", "redis"] | None = None
+    redis_url: str | None = None
 
 
 class GpuQueue(_Section):

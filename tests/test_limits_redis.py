@@ -39,7 +39,7 @@ async def main():
     limiter = RedisRateLimiter(client, timeout_s=2.0, prefix=prefix)
     agent_rate = Rate(*map(int, agent_spec.split(",")))
     tool_rate = Rate(*map(int, tool_spec.split(","))) if tool_spec else None
-    await client.execute("PING")
+    await client.ping()
     admitted = {"t1": 0, "t2": 0}
     errors, span = [], []
     async def one(i):
@@ -207,7 +207,7 @@ async def test_slow_redis_counts_as_down(redis_server):
     limiter = RedisRateLimiter(client, health, timeout_s=0.05, prefix=f"s{uuid.uuid4().hex[:8]}:")
     rate = Rate(10, 1)
     assert (await limiter.acquire("a", None, rate, None)).store_error is None
-    await admin.execute("CLIENT", "PAUSE", "300", "ALL")
+    await admin.execute_command("CLIENT", "PAUSE", "300", "ALL")
     t0 = time.perf_counter()
     d = await limiter.acquire("a", None, rate, None)
     assert time.perf_counter() - t0 < 0.2
@@ -222,42 +222,62 @@ async def test_slow_redis_counts_as_down(redis_server):
 async def test_password_and_database_from_the_url():
     with RedisServer(extra_args=("--requirepass", "s3cret")) as srv:
         good = connect_redis(f"redis://:s3cret@127.0.0.1:{srv.port}/3", 2.0)
+        db0 = connect_redis(f"redis://:s3cret@127.0.0.1:{srv.port}/0", 2.0)
         limiter = RedisRateLimiter(good, StoreHealth("deny"), timeout_s=2.0)
         assert (await limiter.acquire("a", None, Rate(5, 1), None)).store_error is None
-        assert await good.execute("EXISTS", "regate:rl:{a}") == 1
-        assert await good.execute("SELECT", 0) == b"OK" and await good.execute("EXISTS", "regate:rl:{a}") == 0
+        assert await good.exists("regate:rl:{a}") == 1
+        assert await db0.exists("regate:rl:{a}") == 0
         bad = connect_redis(f"redis://:wrong@127.0.0.1:{srv.port}/0", 2.0)
         health = StoreHealth("deny")
         d = await RedisRateLimiter(bad, health, timeout_s=2.0).acquire("a", None, Rate(5, 1), None)
-        assert d.store_error == "deny" and "AUTH failed" in health.last_error
-        await good.aclose()
-        await bad.aclose()
+        assert d.store_error == "deny" and "AuthenticationError" in health.last_error
+        for c in (good, db0, bad):
+            await c.aclose()
 
 
-def test_replies_split_at_any_byte():
-    """The reply parser gets TCP's arbitrary chunks: every split point gives the same replies."""
-    from proxy.limits.resp import RedisReplyError, RespClient, _Protocol
+async def test_client_is_redis_py_with_its_own_retries_off(redis_server):
+    """The store uses redis-py's asyncio client on one bounded pool, retries off (Regate decides),
+    hiredis doing the parsing and the packing."""
+    import redis.asyncio
+    from redis.utils import HIREDIS_AVAILABLE
 
-    stream = (b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*3\r\n:1\r\n$2\r\nab\r\n*1\r\n:-7\r\n"
-              b"-NOSCRIPT No matching script\r\n$0\r\n\r\n")
-    expected = [b"OK", 42, b"hello", None, [1, b"ab", [-7]], "NOSCRIPT No matching script", b""]
+    client = connect_redis(redis_server.url, timeout_s=0.5)
+    assert isinstance(client, redis.asyncio.Redis)
+    pool = client.connection_pool
+    assert isinstance(pool, redis.asyncio.BlockingConnectionPool) and pool.max_connections == 32
+    assert HIREDIS_AVAILABLE  # redis[hiredis] is a dependency
+    conn = await pool.get_connection()
+    try:
+        assert conn.retry.get_retries() == 0 and not conn.retry_on_timeout
+        assert type(conn._parser).__name__ == "_AsyncHiredisParser"
+        assert conn.pack_command("SCRIPT LOAD", "return 1", 2, 1.5) == [
+            b"*5\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n$8\r\nreturn 1\r\n$1\r\n2\r\n$3\r\n1.5\r\n"]
+    finally:
+        await pool.release(conn)
+    # NOSCRIPT (a restarted or flushed server) loads the script once and runs it.
+    prefix = f"n{uuid.uuid4().hex[:8]}:"
+    limiter = RedisRateLimiter(client, StoreHealth("deny"), timeout_s=0.5, prefix=prefix)
+    assert (await limiter.acquire("a", None, Rate(5, 1), None)).agent.remaining == 4
+    await client.script_flush()
+    d = await limiter.acquire("a", None, Rate(5, 1), None)
+    assert d.store_error is None and d.agent.remaining == 3
+    await client.aclose()
 
-    class Done:  # the bare minimum of a future the protocol resolves
-        def __init__(self):
-            self.value = None
 
-        def done(self):
-            return False
-
-        def set_result(self, value):
-            self.value = value
-
-    for cut in range(1, len(stream)):
-        proto = _Protocol(RespClient())
-        waiters = [Done() for _ in expected]
-        proto.waiters.extend(waiters)
-        proto.data_received(stream[:cut])
-        proto.data_received(stream[cut:])
-        got = [str(w.value) if isinstance(w.value, RedisReplyError) else w.value for w in waiters]
-        assert got == expected, cut
-        assert not proto.waiters and not proto._buf
+async def test_probe_recovers_readiness_without_traffic():
+    """/readyz calls LimitStores.probe(): a store marked down is PINGed once the retry interval
+    has passed, so a replica taken out of rotation (no calls to probe it) becomes ready again."""
+    clock = [0.0]
+    with RedisServer() as srv:
+        stores = open_limit_stores("redis", redis_url=srv.url, on_store_error="deny", timeout_ms=500,
+                                   retry_interval_s=2.0, clock=lambda: clock[0])
+        assert await stores.probe()  # healthy: no round trip needed
+        srv.kill()
+        assert (await stores.rate.acquire("a", None, Rate(5, 1), None)).store_error == "deny"
+        assert not await stores.probe()  # within the retry interval: not tried
+        srv.start()
+        assert not await stores.probe() and stores.health.counts["store_error"] == 1
+        clock[0] += 2.0
+        assert await stores.probe() and stores.healthy
+        assert stores.health.counts["recovered"] == 1
+        await stores.aclose()

@@ -1,10 +1,19 @@
 """Rate limits and budgets shared by every replica and worker through Redis.
 
 Each call is one round trip: EVALSHA of a Lua script that reads, decides and
-writes atomically on the server (on NOSCRIPT, as after a Redis restart, one EVAL
-sends the body and caches it again). The rate script holds both keys of a call and commits both or
-neither. Keys carry the agent in a hash tag (``regate:rl:{coder-7}``,
-``regate:rl:{coder-7}:shell``) so both live in one slot on Redis Cluster too.
+writes atomically on the server (on NOSCRIPT, as after a Redis restart, redis-py's
+registered script loads the body and runs it again). The rate script holds both
+keys of a call and commits both or neither. Keys carry the agent in a hash tag
+(``regate:rl:{coder-7}``, ``regate:rl:{coder-7}:shell``) so both live in one slot
+on Redis Cluster too.
+
+The client is redis-py's asyncio ``Redis`` (hiredis parser when installed) over
+one ``BlockingConnectionPool`` per process. Its own retries are off: a failed or
+slow call is reported once to ``StoreHealth``, and Regate decides (the
+``on_store_error`` mode, and when to try the store again). Each call runs under
+one ``asyncio.timeout`` covering pool checkout, connect and the reply; a call
+cut short drops its connection (redis-py disconnects on cancellation), so a late
+reply can never be read by the next call.
 
 Time comes from the Redis server (``TIME``) by default: replicas' clocks drift
 apart, and a TAT written by one replica is only comparable with "now" on another
@@ -21,13 +30,23 @@ import time
 from time import perf_counter
 from typing import Literal
 
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+from redis.utils import HIREDIS_AVAILABLE
+
 from .budgets import CHARGE, NO_BUDGET, PEEK, SPEND, Budget, BudgetVerdict, MemoryBudgets
 from .gcra import UNLIMITED, Clock, KeyResult, MemoryRateLimiter, Rate, RateDecision
-from .resp import RedisReplyError, RespClient
 from .store import LatencyHook, StoreHealth
 
 _US = 1_000_000
-_STORE_ERRORS = (RedisReplyError, OSError, TimeoutError)
+# RedisError covers redis-py's ConnectionError, TimeoutError, ResponseError
+# (NOSCRIPT is handled by the script object) and AuthenticationError.
+STORE_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
+
+# Connections per process. Concurrent calls each hold one for a round trip
+# (redis-py does not pipeline unrelated calls); past this many, a call waits in
+# line for one, and the wait counts against the store timeout.
+POOL_SIZE = 32
 
 _NOW_LUA = """
 local now
@@ -117,13 +136,53 @@ return {allowed and 1 or 0, string.format('%.17g', spent), end_us - now}
 TimeSource = Literal["server", "client"]
 
 
-def connect_redis(url: str, timeout_s: float = 0.02) -> RespClient:
-    """The limits store's connection (see resp.py for why not redis-py). Connects on first use."""
-    return RespClient(url, connect_timeout_s=timeout_s)
+_PACKERS: dict[type, type] = {}
+
+
+def _hiredis_packing(connection_class: type) -> type:
+    """``connection_class`` whose commands are serialised by hiredis (C) rather than in Python.
+
+    redis-py's sync client does this already (``HiredisRespSerializer``); its asyncio
+    connection always packs in Python, which was ~20 µs of the ~120 µs CPU a script call
+    cost here. Replies are parsed by hiredis either way.
+    """
+    if not HIREDIS_AVAILABLE:
+        return connection_class
+    cls = _PACKERS.get(connection_class)
+    if cls is None:
+        from redis.connection import HiredisRespSerializer
+
+        pack = HiredisRespSerializer().pack
+
+        def pack_command(self, *args):
+            return pack(*args)
+
+        cls = _PACKERS[connection_class] = type(
+            f"Hiredis{connection_class.__name__}", (connection_class,), {"pack_command": pack_command})
+    return cls
+
+
+def connect_redis(url: str, timeout_s: float = 0.02, *, max_connections: int = POOL_SIZE) -> Redis:
+    """The limits store's client: ``redis://[user:password@]host[:port][/db]`` or ``rediss://``.
+
+    One per process; connects lazily (first call). Retries off (Regate decides);
+    no socket read timeout of its own (the caller's ``asyncio.timeout`` bounds the
+    whole call, which costs one timer instead of one per read and write).
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"limits.redis_url must be redis://host:port/db, rediss://... or unix://..., got {url!r}")
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=None,
+        socket_connect_timeout=timeout_s, socket_timeout=None,
+        retry=None, retry_on_timeout=False, retry_on_error=[],
+        health_check_interval=0, protocol=2,
+    )
+    pool.connection_class = _hiredis_packing(pool.connection_class)  # TCP, TLS or unix socket
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 class _RedisPart:
-    def __init__(self, client: RespClient, health: StoreHealth, *, timeout_s: float, time_source: TimeSource,
+    def __init__(self, client: Redis, health: StoreHealth, *, timeout_s: float, time_source: TimeSource,
                  wall_clock: Clock, prefix: str, on_latency: LatencyHook | None) -> None:
         if time_source not in ("server", "client"):
             raise ValueError(f"time_source must be server or client, got {time_source!r}")
@@ -140,7 +199,7 @@ class _RedisPart:
             return str(round(now * _US))
         return str(round(self._wall() * _US)) if self._client_time else ""
 
-    async def _run(self, part: str, sha: str, keys: list[str], args: list) -> list | None:
+    async def _run(self, part: str, script, keys: list[str], args: list):
         """The script's reply, or None when the store failed (already counted)."""
         health = self.health
         if not health.should_try():
@@ -148,8 +207,8 @@ class _RedisPart:
         t0 = perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self.client.evalsha(sha, keys, args)
-        except _STORE_ERRORS as e:
+                reply = await script(keys, args)
+        except STORE_ERRORS as e:
             # NOTE: a timed-out script may still have run on the server; that call's
             # cells are then spent without being admitted (errs towards limiting).
             health.failed(part, e)
@@ -163,13 +222,13 @@ class _RedisPart:
 class RedisRateLimiter(_RedisPart):
     """GCRA over both keys of a call in one atomic script; ``acquire`` as MemoryRateLimiter's."""
 
-    def __init__(self, client: RespClient, health: StoreHealth | None = None, *,
+    def __init__(self, client: Redis, health: StoreHealth | None = None, *,
                  timeout_s: float = 0.02, time_source: TimeSource = "server",
                  wall_clock: Clock = time.time, local: MemoryRateLimiter | None = None,
                  prefix: str = "regate:", on_latency: LatencyHook | None = None) -> None:
         super().__init__(client, health or StoreHealth(), timeout_s=timeout_s, time_source=time_source,
                          wall_clock=wall_clock, prefix=prefix, on_latency=on_latency)
-        self._script = client.script(GCRA_LUA)
+        self._script = client.register_script(GCRA_LUA)
         self._local = local if local is not None else MemoryRateLimiter()
 
     async def acquire(self, agent: str, tool: str | None, agent_rate: Rate | None,
@@ -210,13 +269,13 @@ class RedisRateLimiter(_RedisPart):
 class RedisBudgets(_RedisPart):
     """Budgets in one hash per agent (window tag + spent); same methods as MemoryBudgets."""
 
-    def __init__(self, client: RespClient, health: StoreHealth | None = None, *,
+    def __init__(self, client: Redis, health: StoreHealth | None = None, *,
                  timeout_s: float = 0.02, time_source: TimeSource = "server",
                  wall_clock: Clock = time.time, local: MemoryBudgets | None = None,
                  prefix: str = "regate:", on_latency: LatencyHook | None = None) -> None:
         super().__init__(client, health or StoreHealth(), timeout_s=timeout_s, time_source=time_source,
                          wall_clock=wall_clock, prefix=prefix, on_latency=on_latency)
-        self._script = client.script(BUDGET_LUA)
+        self._script = client.register_script(BUDGET_LUA)
         self._local = local if local is not None else MemoryBudgets(wall_clock)
 
     async def step(self, agent: str, budget: Budget | None, cost: float, mode: str,

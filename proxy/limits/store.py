@@ -16,6 +16,7 @@ not given by Redis is counted, by mode, in ``StoreHealth`` and reported through
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable, Literal
 
@@ -93,17 +94,39 @@ class LimitStores:
     ``health.counts`` holds the fallback counters.
     """
 
-    __slots__ = ("rate", "budgets", "health", "_client")
+    __slots__ = ("rate", "budgets", "health", "_client", "_timeout_s")
 
-    def __init__(self, rate, budgets, health: StoreHealth | None = None, client=None) -> None:
+    def __init__(self, rate, budgets, health: StoreHealth | None = None, client=None,
+                 timeout_s: float = 0.02) -> None:
         self.rate = rate
         self.budgets = budgets
         self.health = health
         self._client = client
+        self._timeout_s = timeout_s
 
     @property
     def healthy(self) -> bool:
         return self.health is None or self.health.healthy
+
+    async def probe(self) -> bool:
+        """``healthy``, after one PING when the store is marked down and its retry interval has
+        passed, so that readiness recovers without traffic (a replica that fails /readyz gets
+        none). No round trip while healthy or within the retry interval. Counted as part "probe"."""
+        health = self.health
+        if health is None or health.healthy or self._client is None:
+            return True
+        if not health.should_try():
+            return False
+        from .redis_store import STORE_ERRORS
+
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.ping()
+        except STORE_ERRORS as e:
+            health.failed("probe", e)
+            return False
+        health.succeeded("probe")
+        return True
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -133,5 +156,5 @@ def open_limit_stores(store: Literal["memory", "redis"] = "memory", *,
     return LimitStores(
         RedisRateLimiter(client, health, local=MemoryRateLimiter(clock), **common),
         RedisBudgets(client, health, local=MemoryBudgets(wall_clock), **common),
-        health, client,
+        health, client, timeout_s,
     )
