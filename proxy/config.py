@@ -64,7 +64,7 @@ class McpOptions(_Section):
     max_tool_names: int = Field(1000, ge=1)
     # Largest upstream answer (JSON body or one SSE event) Regate buffers to filter or merge;
     # a bigger one passes through unfiltered.
-    max_message_bytes: int = Field(16 << 20, ge=1024)
+    max_message_bytes: int = Field(8 << 20, ge=1024)
 
 
 class Tool(_Section):

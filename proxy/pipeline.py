@@ -7,6 +7,12 @@ call ends here, with that status and code). Every stage whose `enter` ran gets
 `leave(call)` afterwards, in reverse order, whatever happened — that is where
 outcomes feed breakers, budgets and reservations. Exactly one audit record is
 written per call, whichever stage ended it.
+
+A stage may also answer `Handoff`: the request holds several calls (a JSON-RPC
+batch on an MCP route). Each part then runs the remaining stages as a call of
+its own — its own decision id, limits, breaker, policy, audit record — and the
+handoff's `finish` forwards the admitted parts and builds the one answer.
+Single calls never take that path.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import logging
 import os
 import time
 from itertools import count
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import orjson
 from aiohttp import web
+
+from . import mcp
 
 if TYPE_CHECKING:
     from .config import Tool
@@ -74,7 +82,7 @@ class Call:
         "body", "body_json", "body_sha256", "body_size", "decision", "revision",
         "shadow_denied", "ended_by", "rejection", "timeout_ms", "set_headers",
         "remove_headers", "upstream_status", "upstream_ns", "response_headers",
-        "cost", "extra", "forwarded", "tool_key",
+        "cost", "extra", "forwarded", "tool_key", "response_filter",
     )
 
     def __init__(self, request: web.Request) -> None:
@@ -109,16 +117,49 @@ class Call:
         self.cost: float | None = None
         self.extra: dict[str, Any] = {}
         self.forwarded = False
+        # Set by a stage that must see the upstream's answer before the agent does
+        # (MCP: filter tools/list, bind sessions); the forwarder hands it the response.
+        self.response_filter: Any = None
+
+    def part(self, body: bytes, body_json: Any) -> "Call":
+        """A call for one part of this request (one message of a batch): same agent,
+        tool and request, its own decision id, body and state."""
+        p = Call(self.request)
+        p.agent = self.agent
+        p.claims = self.claims
+        p.tool = self.tool
+        p.tool_key = self.tool_key
+        p.upstream_path = self.upstream_path
+        p.body = body
+        p.body_json = body_json
+        p.body_size = len(body)
+        return p
 
     @property
     def is_jsonrpc(self) -> bool:
         return self.tool is not None and self.tool.protocol == "mcp"
 
 
+class Handoff:
+    """A stage's answer when one request holds several calls (a JSON-RPC batch).
+
+    `parts` are calls made with `Call.part`; one that already has `rejection` set
+    (an invalid message) skips the remaining stages. `finish(call, parts,
+    forwarder)` forwards the parts no stage refused and returns the response.
+    """
+
+    __slots__ = ("parts", "finish")
+
+    def __init__(self, parts: list[Call],
+                 finish: Callable[[Call, list[Call], Any], Awaitable[web.StreamResponse]]) -> None:
+        self.parts = parts
+        self.finish = finish
+
+
 class Stage(Protocol):
     name: str
 
-    async def enter(self, call: Call) -> Rejection | None: ...
+    async def enter(self, call: Call) -> Rejection | Handoff | None: ...
 
     def leave(self, call: Call) -> None: ...
 
@@ -143,6 +184,9 @@ def rejection_response(call: Call, rejection: Rejection) -> web.Response:
         headers["Retry-After"] = str(secs if secs >= rejection.retry_after else secs + 1)
     if rejection.headers:
         headers.update(rejection.headers)
+    if call.tool is not None and call.tool.protocol == "mcp":
+        # MCP clients read JSON-RPC: the error object, at the status the transport expects.
+        return mcp.rejection_response(call, rejection, headers)
     return web.Response(
         status=rejection.status,
         body=error_body(call, rejection),
@@ -158,7 +202,7 @@ class Pipeline:
     config is simply absent from the chain.
     """
 
-    STAGE_ORDER = ("identify", "route", "read_body", "ratelimit", "breaker", "policy", "approval", "gpu")
+    STAGE_ORDER = ("identify", "route", "read_body", "mcp", "ratelimit", "breaker", "policy", "approval", "gpu")
 
     def __init__(self, stages: list[Stage], forwarder: Any, metrics: Any, recorder: Any = None) -> None:
         order = {name: i for i, name in enumerate(self.STAGE_ORDER)}
@@ -176,10 +220,16 @@ class Pipeline:
         entered: list[Stage] = []
         rejection: Rejection | None = None
         response: web.StreamResponse | None = None
+        handed_off = False
         try:
             for stage in self.stages:
                 rejection = await stage.enter(call)
                 if rejection is not None:
+                    if rejection.__class__ is Handoff:
+                        entered.append(stage)
+                        handed_off = True
+                        response = await self._handle_parts(call, rejection, self.stages.index(stage) + 1)
+                        return response
                     call.ended_by = stage.name
                     break
                 entered.append(stage)
@@ -213,14 +263,64 @@ class Pipeline:
                     stage.leave(call)
                 except Exception:
                     log.exception("stage %s failed in leave()", stage.name)
-            self._account(call, response)
+            if not handed_off:  # a handed-off request is accounted part by part
+                self._account(call, response)
 
-    def _account(self, call: Call, response: web.StreamResponse | None) -> None:
+    async def _handle_parts(self, call: Call, handoff: Handoff, start: int) -> web.StreamResponse:
+        """The batch path: each part runs the stages after `start` as a call of its own.
+
+        Parts run one after another, so limits and the loop guard see them in the
+        order the agent sent them. Every part gets its audit record (write-ahead
+        for those forwarded) and its metrics, and every stage it entered gets
+        `leave`, whatever happens.
+        """
+        rest = self.stages[start:]
+        parts = handoff.parts
+        entered_by: list[list[Stage]] = []
+        try:
+            for part in parts:
+                entered: list[Stage] = []
+                entered_by.append(entered)
+                if part.rejection is not None:
+                    continue
+                for stage in rest:
+                    rejection = await stage.enter(part)
+                    if rejection is not None:
+                        if rejection.__class__ is Handoff:  # a batch inside a batch: no stage does that
+                            rejection = Rejection(500, "internal_error", "nested handoff")
+                        part.ended_by = stage.name
+                        part.rejection = rejection
+                        break
+                    entered.append(stage)
+            recorder = self.recorder
+            for part in parts:
+                if part.rejection is None:
+                    part.ended_by = "forward"
+                    if recorder is not None:
+                        part.rejection = await recorder.before_forward(part)
+            response = await handoff.finish(call, parts, self.forwarder)
+            if recorder is not None:
+                for part in parts:
+                    if part.rejection is not None:
+                        await recorder.record_rejection(part)
+            return response
+        finally:
+            for part, entered in zip(parts, entered_by):
+                for stage in reversed(entered):
+                    try:
+                        stage.leave(part)
+                    except Exception:
+                        log.exception("stage %s failed in leave()", stage.name)
+            for part in parts:
+                self._account(part, None, part.upstream_status if part.upstream_status is not None else 200)
+
+    def _account(self, call: Call, response: web.StreamResponse | None, status: int | None = None) -> None:
         total_ns = time.perf_counter_ns() - call.started_ns
         upstream_ns = call.upstream_ns
         added_ns = total_ns - (upstream_ns or 0)
         rejection = call.rejection
-        status = rejection.status if rejection is not None else (response.status if response is not None else 499)
+        if status is None or rejection is not None:
+            status = rejection.status if rejection is not None else (response.status if response is not None else 499)
         outcome = rejection.code if rejection is not None else "forwarded"
         tool = call.tool.name if call.tool is not None else "-"
         metrics = self.metrics

@@ -7,6 +7,11 @@ read in one go, which is cheaper than chunked writes. Hop-by-hop headers are
 removed both ways (RFC 9110 §7.6.1), `Host` is rebuilt from the route, and the
 deadline covers the time to the upstream's response headers (504 past it);
 after that an idle-read timeout of the same length guards the stream.
+
+A stage that must see the answer before the agent does (MCP: filtered tool
+lists, session binding) sets `call.response_filter`; the forwarder then hands
+it the upstream response, the cleaned headers, the deadline and `relay` (this
+module's own streaming answer, for whatever the filter does not rewrite).
 """
 
 from __future__ import annotations
@@ -252,6 +257,14 @@ class Forwarder:
         self, call: Call, resp: aiohttp.ClientResponse, deadline: float, started: int
     ) -> web.StreamResponse:
         headers = self._response_headers(call, resp)
+        if call.response_filter is not None:
+            return await call.response_filter(call, resp, headers, deadline, self.relay)
+        return await self.relay(call, resp, headers, deadline)
+
+    async def relay(
+        self, call: Call, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], deadline: float
+    ) -> web.StreamResponse:
+        """Send the upstream's answer on as it is: read whole when small, streamed otherwise."""
         length = resp.content_length
         chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
         if length is not None and length <= SMALL_RESPONSE and not chunked:

@@ -7,7 +7,9 @@
 #   input.agent.id / .claims      who is calling (set by Regate's identify stage)
 #   input.tool.name / .route      which tool (from the route table in regate.yaml)
 #   input.request.method / .path / .query / .headers / .body / .size
-#   input.mcp                     {method, tool, arguments} for MCP calls, else null
+#   input.mcp                     for MCP routes: {method, id, tool, arguments, purpose}
+#                                 (tool/arguments of a tools/call; purpose is "tools/list"
+#                                 when Regate asks whether a listed tool may be shown)
 #   input.state                   breaker state, recent failures, budget left
 #   input.time_ns                 when the call arrived
 #
@@ -33,6 +35,7 @@ package regate
 import data.regate.tools.files
 import data.regate.tools.payments
 import data.regate.tools.shell
+import data.regate.tools.tickets
 
 # The decision Regate applies. Only `allow` is required; Regate fills in a
 # default for anything left out. `reasons` is a set: Regate returns it as a
@@ -108,6 +111,13 @@ deny contains msg if {
 	)
 }
 
+# Regate filters every tools/list answer: for each listed tool it asks this
+# policy about a hypothetical tools/call of that tool, with purpose
+# "tools/list" and no arguments. A tool is shown when such a call would be
+# allowed. Argument rules cannot apply yet (there are none), so the hooks below
+# skip them while listing.
+listing if input.mcp.purpose == "tools/list"
+
 # --- Argument rules, one package per tool (rego/tools/) ----------------------
 
 # The call's arguments: an MCP tools/call carries them in params.arguments,
@@ -132,6 +142,12 @@ deny contains msg if {
 deny contains msg if {
 	input.tool.name == "payments"
 	some msg in payments.deny
+}
+
+deny contains msg if {
+	input.tool.name == "tickets"
+	not listing
+	some msg in tickets.deny
 }
 
 # A human approval, when a tool's rules ask for one (payments above a

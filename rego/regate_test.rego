@@ -175,6 +175,40 @@ test_mcp_tool_outside_the_grant if {
 	denied_with(mcp_call("support-1", "delete_ticket"), "may not call the MCP tool 'delete_ticket'")
 }
 
+mcp_args(agent, name, args) := json.patch(mcp_call(agent, name), [{"op": "replace", "path": "/mcp/arguments", "value": args}])
+
+# What Regate asks for each tool of a tools/list answer: no arguments yet.
+mcp_listing(agent, name) := json.patch(mcp_call(agent, name), [
+	{"op": "replace", "path": "/mcp/arguments", "value": null},
+	{"op": "add", "path": "/mcp/purpose", "value": "tools/list"},
+])
+
+test_mcp_grants_differ_per_agent if {
+	decide(mcp_call("coder-7", "search_tickets")).allow
+	denied_with(mcp_call("coder-7", "add_comment"), "may call: search_tickets.")
+	denied_with(mcp_call("analyst-2", "search_tickets"), "no grant for the tool 'tickets'")
+}
+
+test_mcp_listing_shows_granted_tools_without_arguments if {
+	decide(mcp_listing("support-1", "add_comment")).allow
+	decide(mcp_listing("support-1", "search_tickets")).allow
+	denied_with(mcp_listing("support-1", "delete_ticket"), "may not call the MCP tool 'delete_ticket'")
+	denied_with(mcp_listing("coder-7", "add_comment"), "may not call the MCP tool 'add_comment'")
+}
+
+test_mcp_argument_rules if {
+	decide(mcp_args("support-1", "add_comment", {"ticket_id": 101, "text": "on it"})).allow
+	denied_with(mcp_args("support-1", "add_comment", {"ticket_id": 101}), "needs a string argument 'text'")
+	denied_with(mcp_args("support-1", "add_comment", null), "needs a string argument 'text'")
+	long := concat("", [s | some _ in numbers.range(1, 2001); s := "x"])
+	denied_with(mcp_args("support-1", "add_comment", {"ticket_id": 101, "text": long}), "2001 characters")
+}
+
+test_mcp_methods_other_than_tools_call if {
+	inp := json.patch(mcp_call("coder-7", "x"), [{"op": "replace", "path": "/mcp", "value": {"method": "tools/list", "tool": null, "arguments": null}}])
+	decide(inp).allow
+}
+
 # --- what the upstream sees --------------------------------------------------
 
 test_headers_name_the_verified_agent if {

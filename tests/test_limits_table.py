@@ -96,3 +96,11 @@ def test_bad_override_names_decision_field(table):
 ])
 def test_rate_strings(spec, rate):
     assert Rate.parse(spec) == rate
+
+
+def test_an_mcp_tool_key_falls_back_to_its_route_limits():
+    table = compile_limits({"tools": {"tickets": "5/s", "tickets/add_comment": "1/s"},
+                            "agents": {"a": {"tools": {"tickets": "7/s"}}}})
+    assert resolve_limits(table, "b", "tickets/search").tool == Rate(5)
+    assert resolve_limits(table, "b", "tickets/add_comment").tool == Rate(1)
+    assert resolve_limits(table, "a", "tickets/search").tool == Rate(7)

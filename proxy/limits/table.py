@@ -188,6 +188,13 @@ def parse_override(override: Mapping, where: str = "decision.limits") -> tuple[A
     )
 
 
+def _route_of(tool: str | None, tools: Mapping) -> str | None:
+    """An MCP call's key is "route/tool": without an entry of its own, the route's limits apply."""
+    if tool is not None and tool not in tools and "/" in tool:
+        return tool.split("/", 1)[0]
+    return tool
+
+
 def resolve_limits(table: LimitsTable, agent: str, tool: str | None,
                    override: Mapping | None = None) -> EffectiveLimits:
     """The limits for one call. Pure; raises LimitsError (naming decision.limits.*) on a bad override."""
@@ -195,16 +202,16 @@ def resolve_limits(table: LimitsTable, agent: str, tool: str | None,
     if a is None:
         agent_rate = table.agent
         budget = table.budget
-        tool_rate = table.tools.get(tool, table.tool) if tool is not None else None
+        tool_rate = table.tools.get(_route_of(tool, table.tools), table.tool) if tool is not None else None
     else:
         agent_rate = a.agent
         budget = a.budget
         if tool is None:
             tool_rate = None
         else:
-            tool_rate = a.tools.get(tool, _UNSET)
+            tool_rate = a.tools.get(tool if tool in a.tools else _route_of(tool, a.tools), _UNSET)
             if tool_rate is _UNSET:
-                tool_rate = table.tools.get(tool, table.tool)
+                tool_rate = table.tools.get(_route_of(tool, table.tools), table.tool)
     if override:
         o_agent, o_tool, o_budget = parse_override(override)
         if o_agent is not _UNSET:

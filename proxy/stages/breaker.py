@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ..breakers import Admission, Breakers
-from ..breakers.outcome import CONNECT_ERROR, SERVER_ERROR, TIMEOUT, error_summary
+from ..breakers.outcome import CLIENT_ERROR, CONNECT_ERROR, SERVER_ERROR, TIMEOUT, error_summary
 from ..pipeline import Call, Rejection
 
 # The forwarder's own rejection codes, as outcomes the breakers understand.
@@ -52,6 +52,9 @@ class BreakerStage:
             error = ""
             if call.upstream_status >= 400:
                 error = error_summary(call.extra.get("error_body", b""))
+            elif "mcp_tool_error" in call.extra:  # MCP servers report a failed tools/call with HTTP 200
+                admission.record(now, outcome=CLIENT_ERROR, error=call.extra["mcp_tool_error"])
+                return
             admission.record(now, status=call.upstream_status, error=error)
             return
         rejection = call.rejection
