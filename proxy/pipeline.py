@@ -253,9 +253,15 @@ class Pipeline:
             # that finds this call in the logs and the audit.
             log.exception("internal error on call %s", call.id)
             rejection = call.rejection = Rejection(500, "internal_error", "Regate failed on this call; see its log")
+            call.ended_by = call.ended_by or "internal"
             if response is not None and response.prepared:
                 raise
             response = rejection_response(call, rejection)
+            if self.recorder is not None:
+                try:  # one record per call, a failed one included
+                    await self.recorder.record_rejection(call)
+                except Exception:
+                    log.exception("could not audit the internal error on call %s", call.id)
             return response
         finally:
             for stage in reversed(entered):
