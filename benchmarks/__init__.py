@@ -1,0 +1,1 @@
+"""Regate's benchmark suite: `python -m benchmarks [--quick]` (see suite.py)."""

@@ -1,0 +1,79 @@
+"""Policy bundles of a chosen size for the scaling curves: the shipped Rego and
+data, with the agents grown to N.
+
+The shipped agents stay (the benchmark calls as coder-7, so the decision is the
+shipped one); generated agents `bench-agent-NNNNNN` fill the rest, each with
+grants shaped like the shipped ones. A grown bundle holds them as
+`agents.json` in place of `agents.yaml` (same mount point, data.agents): a
+generated data set of that size is JSON in practice, and parsing 100,000
+agents of YAML takes over half a minute even with libyaml, which would measure
+the YAML parser rather than the policy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orjson
+import yaml
+
+from .servers import ROOT
+
+SHIPPED_REGO = ROOT / "rego"
+SHIPPED_DATA = ROOT / "policies"
+
+
+def shipped_agents() -> dict:
+    return yaml.safe_load((SHIPPED_DATA / "agents.yaml").read_text()) or {}
+
+
+def _agent(i: int) -> tuple[str, dict]:
+    # Three grant shapes so the data is not one repeated object.
+    name = f"bench-agent-{i:06d}"
+    if i % 3 == 0:
+        tools = {"search": {"methods": ["GET", "POST"]}, "files": {"methods": ["GET"]}}
+    elif i % 3 == 1:
+        tools = {"shell": {"methods": ["POST"], "timeout_ms": 10000},
+                 "files": {"methods": ["GET", "PUT"], "root": f"/workspace/{name}/"}}
+    else:
+        tools = {"payments": {"methods": ["POST"], "approval_above": 100, "max_amount": 5000}}
+    return name, {"description": "generated benchmark agent", "tools": tools}
+
+
+def make_bundle(dest: Path, agents: int) -> tuple[Path, Path]:
+    """Write rego/ and policies/ under `dest` with `agents` agents in total; return (rego, data).
+
+    With no more agents than shipped, the bundle is the shipped one, byte for byte."""
+    rego = dest / "rego"
+    data = dest / "policies"
+    for d in (rego, data):
+        if d.exists():
+            shutil.rmtree(d)
+    shutil.copytree(SHIPPED_REGO, rego)
+    shutil.copytree(SHIPPED_DATA, data)
+    shipped = shipped_agents()
+    extra = agents - len(shipped)
+    if extra > 0:
+        doc = dict(shipped)
+        doc.update(_agent(i) for i in range(extra))
+        (data / "agents.yaml").unlink()
+        (data / "agents.json").write_bytes(orjson.dumps(doc))
+    return rego, data
+
+
+def load_data(data_dir: Path) -> dict:
+    """The data document as OPA mounts it: each file's content under its stem."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    doc: dict = {}
+    for path in sorted(data_dir.iterdir()):
+        if path.suffix == ".json":
+            doc[path.stem] = orjson.loads(path.read_bytes())
+        elif path.suffix in (".yaml", ".yml"):
+            doc[path.stem] = yaml.load(path.read_text(), Loader=loader)
+    return doc
+
+
+def rego_modules(rego_dir: Path) -> dict[str, str]:
+    """The policy modules, without their *_test.rego tests."""
+    return {p.name: p.read_text() for p in sorted(rego_dir.glob("*.rego")) if not p.name.endswith("_test.rego")}
