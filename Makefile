@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py $(ARGS)
 
 test: $(STAMP)
-	@sh scripts/ensure-debs.sh redis-server:redis-server wrk:wrk nginx:nginx
+	@sh scripts/ensure-debs.sh redis-server:redis-server wrk:wrk nginx:nginx chromium:chromium
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,14 @@ CALLS = [
     ("demo-key-coder-7", "GET", "/tools/files/etc/shadow", None, "a file outside the workspace"),
     ("demo-key-coder-7", "POST", "/tools/payments/transfer", {"amount": 10, "to": "acme"}, "a tool not granted"),
     ("demo-key-analyst-2", "POST", "/tools/payments/transfer", {"amount": 50, "to": "acme"}, "a small payment"),
+    ("demo-key-analyst-2", "POST", "/tools/payments/transfer", {"amount": 500, "to": "acme"},
+     "a large payment waits for a human, who approves it"),
+    ("demo-key-support-1", "POST", "/tools/tickets/mcp",
+     {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+      "params": {"name": "search_tickets", "arguments": {"query": "login"}}}, "an MCP tool in the grant"),
+    ("demo-key-support-1", "POST", "/tools/tickets/mcp",
+     {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+      "params": {"name": "delete_ticket", "arguments": {"ticket_id": 101}}}, "an MCP tool outside the grant"),
     (None, "GET", "/tools/search/?q=x", None, "no API key"),
     ("demo-key-coder-7", "GET", "/tools/nosuch/x", None, "an unknown tool"),
 ]
@@ -60,11 +69,33 @@ def call(base: str, key: str | None, method: str, path: str, body: object) -> tu
         req.add_header("X-Api-Key", key)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+        req.add_header("Accept", "application/json, text/event-stream")
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, dict(r.headers), json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read() or b"null")
+
+
+def approve_when_pending(admin: str, token: str, stop: threading.Event) -> None:
+    """The demo's human operator: approves the first pending call it sees, via the admin API."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    while not stop.is_set():
+        req = urllib.request.Request(f"{admin}/admin/approvals?state=pending", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                pending = json.loads(r.read()).get("approvals", [])
+        except (urllib.error.URLError, OSError):
+            pending = []
+        for ap in pending:
+            body = json.dumps({"approver": "demo-operator", "comment": "looks right"}).encode()
+            req = urllib.request.Request(f"{admin}/admin/approvals/{ap['id']}/approve", data=body,
+                                         headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=5):
+                pass
+            print(f"{'':52}(operator approved {ap['id']}: {ap.get('reason', '')})")
+            return
+        stop.wait(0.2)
 
 
 def main() -> int:
@@ -75,22 +106,37 @@ def main() -> int:
     tool_port = int(os.environ.get("DEMO_TOOL_PORT") or free_port())
     port = int(os.environ.get("REGATE_PORT") or free_port())
     admin_port = int(os.environ.get("REGATE_ADMIN_PORT") or free_port())
-    env = dict(os.environ, DEMO_TOOL_PORT=str(tool_port), REGATE_PORT=str(port), REGATE_ADMIN_PORT=str(admin_port))
+    mcp_port = int(os.environ.get("DEMO_MCP_PORT") or free_port())
+    env = dict(os.environ, DEMO_TOOL_PORT=str(tool_port), REGATE_PORT=str(port), REGATE_ADMIN_PORT=str(admin_port),
+               DEMO_MCP_PORT=str(mcp_port))
     tool = subprocess.Popen([sys.executable, str(HERE / "demo_tool.py"), str(tool_port)], env=env)
+    mcp_tool = subprocess.Popen([sys.executable, str(HERE / "mcp_server.py"), str(mcp_port), "--json", "--stateless"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     regate = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "-c", str(HERE / "regate.yaml"),
                                "--log-level", "warning"],
                               env=env, cwd=ROOT)
     try:
         wait(f"http://127.0.0.1:{tool_port}/health", tool, "demo tool")
+        wait(f"http://127.0.0.1:{mcp_port}/health", mcp_tool, "MCP server")
         wait(f"http://127.0.0.1:{admin_port}/readyz", regate, "regate")
         base = f"http://127.0.0.1:{port}"
         print(f"\nRegate on {base} (admin http://127.0.0.1:{admin_port}) in front of the demo tool on :{tool_port}\n")
+        admin = f"http://127.0.0.1:{admin_port}"
+        token = env.get("REGATE_ADMIN_TOKEN", "demo-admin-token")
         for key, method, path, body, what in CALLS:
+            stop = threading.Event()
+            if "human" in what:
+                threading.Thread(target=approve_when_pending, args=(admin, token, stop), daemon=True).start()
             status, headers, doc = call(base, key, method, path, body)
-            who = {"demo-key-coder-7": "coder-7", "demo-key-analyst-2": "analyst-2"}.get(key, "(no key)")
+            stop.set()
+            who = {"demo-key-coder-7": "coder-7", "demo-key-analyst-2": "analyst-2",
+                   "demo-key-support-1": "support-1"}.get(key, "(no key)")
             line = f"{status}  {who:10} {method:5} {path:28}"
             if isinstance(doc, dict) and "error" in doc:
                 err = doc["error"]
+                if "jsonrpc" in doc:  # an MCP refusal: a JSON-RPC error the client hands to the model
+                    err = {"code": (err.get("data") or {}).get("code", err.get("code")), "message": err["message"],
+                           "reasons": (err.get("data") or {}).get("reasons", [])}
                 print(f"{line} DENIED  {err['code']}: {err['message']}")
                 for reason in err.get("reasons") or []:
                     print(f"{'':52}- {reason}")
@@ -106,10 +152,10 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in (regate, tool):
+        for p in (regate, tool, mcp_tool):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in (regate, tool):
+        for p in (regate, tool, mcp_tool):
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:

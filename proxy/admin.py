@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from .approvals import add_admin_routes
+from .observability.api import add_routes as add_observability_routes
 
 if TYPE_CHECKING:
     from .app import Regate
@@ -39,7 +40,10 @@ def admin_app(regate: "Regate") -> web.Application:
     async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
         # Health and metrics stay open for probes and scrapers; every operator
         # action needs the token, and without a configured token there is none.
-        if request.path.startswith("/admin/"):
+        # The inbox page itself holds no data (everything it shows comes from
+        # /admin/approvals* with the token), so a browser may open it directly.
+        if request.path.startswith("/admin/") and not (
+                request.method == "GET" and request.path == "/admin/ui/approvals"):
             if expected is None:
                 return _error(401, "unauthenticated", "the admin API is disabled: set admin.token in regate.yaml")
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -114,6 +118,7 @@ def admin_app(regate: "Regate") -> web.Application:
         return _json({"reset": tool, "state": regate.breakers.state(tool, time.monotonic())})
 
     add_admin_routes(app, regate)
+    add_observability_routes(app, regate)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{tool}/reset", breaker_reset)
     app.router.add_get("/admin/gpu", gpu)

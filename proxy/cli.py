@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .approvals.cli import add_parser as add_approvals_parser
 
     add_approvals_parser(sub)
+
+    from .observability.cli import add_parser as add_explain_parser
+
+    add_explain_parser(sub)
     return p
 
 

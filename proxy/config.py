@@ -130,6 +130,16 @@ class HttpLimits(_Section):
     max_headers: int = Field(128, gt=0)
     keepalive_timeout_s: float = Field(75.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Hostile clients (SECURITY.md). A request head must arrive within header_timeout_s of
+    # its first byte (slowloris); a body Regate reads for policy within body_timeout_s;
+    # a streamed body may pause at most body_idle_timeout_s between chunks. 408 past each.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    body_idle_timeout_s: float = Field(10.0, gt=0)
+    # Open data-port connections (503 past it) and calls in flight per agent (429 past
+    # it; a call held for approval counts). 0: no cap.
+    max_connections: int = Field(10_000, ge=0)
+    max_concurrent_per_agent: int = Field(1000, ge=0)
 
 
 class OpaServer(_Section):
@@ -233,6 +243,36 @@ class Gpu(_Section):
     static: list[GpuStaticDevice] = []
 
 
+class Tracing(_Section):
+    """OpenTelemetry spans (needs the optional extra: pip install 'regate[otel]')."""
+
+    # OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces; unset: no spans, no cost.
+    otlp_endpoint: str | None = None
+    service_name: str = "regate"
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    # Extra headers for the collector (an API key, a tenant id).
+    headers: dict[str, str] = {}
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
+
+
+class Observability(_Section):
+    # Decision traces kept in memory for the explain API (GET /admin/decisions/<id>); 0: off.
+    traces: int = Field(1000, ge=0, le=100_000)
+    # Which calls get the rule locations behind their reasons (a second, instrumented
+    # evaluation): none, the ones the policy denied, or every call the policy saw.
+    explain: Literal["off", "denied", "all"] = "denied"
+    # Distinct values each agent/tool/reason metric label takes; the rest are counted as "other".
+    label_cap: int = Field(1000, ge=1)
+    # text: human lines; json: one JSON object per line (decision_id on every call's line).
+    log_format: Literal["text", "json"] = "text"
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:8080"
     admin: Admin = Admin()
@@ -246,6 +286,8 @@ class Config(_Section):
     audit: Audit = Audit()
     approvals: Approvals = Approvals()
     metrics: bool = True
+    tracing: Tracing = Tracing()
+    observability: Observability = Observability()
     # Directory the file was read from: relative paths in it resolve against this.
     base_dir: str = "."
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("regate")
+_now_ns = time.perf_counter_ns
 
 
 class Rejection:
@@ -82,7 +83,7 @@ class Call:
         "body", "body_json", "body_sha256", "body_size", "decision", "revision",
         "shadow_denied", "ended_by", "rejection", "timeout_ms", "set_headers",
         "remove_headers", "upstream_status", "upstream_ns", "response_headers",
-        "cost", "extra", "forwarded", "tool_key", "response_filter",
+        "cost", "extra", "forwarded", "tool_key", "response_filter", "marks", "span",
     )
 
     def __init__(self, request: web.Request) -> None:
@@ -120,6 +121,10 @@ class Call:
         # Set by a stage that must see the upstream's answer before the agent does
         # (MCP: filter tools/list, bind sessions); the forwarder hands it the response.
         self.response_filter: Any = None
+        # Decision trace (proxy/observability): [step names, perf_counter_ns at the end
+        # of each step passed...]; None when traces are off. `span`: the OpenTelemetry span.
+        self.marks: list[Any] | None = None
+        self.span: Any = None
 
     def part(self, body: bytes, body_json: Any) -> "Call":
         """A call for one part of this request (one message of a batch): same agent,
@@ -202,7 +207,7 @@ class Pipeline:
     config is simply absent from the chain.
     """
 
-    STAGE_ORDER = ("identify", "route", "read_body", "mcp", "ratelimit", "breaker", "policy", "approval", "gpu")
+    STAGE_ORDER = ("identify", "concurrency", "route", "read_body", "mcp", "ratelimit", "breaker", "policy", "approval", "gpu")
 
     def __init__(self, stages: list[Stage], forwarder: Any, metrics: Any, recorder: Any = None) -> None:
         order = {name: i for i, name in enumerate(self.STAGE_ORDER)}
@@ -212,6 +217,11 @@ class Pipeline:
         # The audit log (issue 4) plugs in here: write-ahead before forwarding,
         # one record for every call.
         self.recorder = recorder
+        # Traces, spans and decision logs (proxy/observability): begin(call, steps) and
+        # finish(call, ...) around every call; None costs nothing. A call's marks are
+        # taken in the order of `steps`, so a mark is one int, not a (name, time) pair.
+        self.observer: Any = None
+        self.steps = tuple(s.name for s in self.stages) + (("audit",) if recorder is not None else ()) + ("forward",)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         from .upstream import UpstreamError  # local: upstream imports this module
@@ -221,9 +231,14 @@ class Pipeline:
         rejection: Rejection | None = None
         response: web.StreamResponse | None = None
         handed_off = False
+        if self.observer is not None:
+            self.observer.begin(call, self.steps)
+        marks = call.marks
         try:
             for stage in self.stages:
                 rejection = await stage.enter(call)
+                if marks is not None:
+                    marks.append(_now_ns())
                 if rejection is not None:
                     if rejection.__class__ is Handoff:
                         entered.append(stage)
@@ -237,11 +252,15 @@ class Pipeline:
                 call.ended_by = "forward"
                 if self.recorder is not None:
                     rejection = await self.recorder.before_forward(call)
+                    if marks is not None:
+                        marks.append(_now_ns())
                 if rejection is None:
                     try:
                         response = await self.forwarder.forward(call)
                     except UpstreamError as exc:
                         rejection = exc.rejection
+                    if marks is not None:
+                        marks.append(_now_ns())
             if rejection is not None:
                 call.rejection = rejection
                 response = rejection_response(call, rejection)
@@ -283,14 +302,20 @@ class Pipeline:
         rest = self.stages[start:]
         parts = handoff.parts
         entered_by: list[list[Stage]] = []
+        observer = self.observer
         try:
             for part in parts:
                 entered: list[Stage] = []
                 entered_by.append(entered)
+                if observer is not None:
+                    observer.begin(part, self.steps[start:len(self.stages)])
                 if part.rejection is not None:
                     continue
+                marks = part.marks
                 for stage in rest:
                     rejection = await stage.enter(part)
+                    if marks is not None:
+                        marks.append(_now_ns())
                     if rejection is not None:
                         if rejection.__class__ is Handoff:  # a batch inside a batch: no stage does that
                             rejection = Rejection(500, "internal_error", "nested handoff")
@@ -337,3 +362,5 @@ class Pipeline:
                                upstream_ns / 1e9 if upstream_ns is not None else None)
         if self.recorder is not None:
             self.recorder.after_call(call, status, added_ns)
+        if self.observer is not None:
+            self.observer.finish(call, status, outcome, total_ns, added_ns)

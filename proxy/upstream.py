@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -30,6 +31,7 @@ from .breakers.outcome import CONNECT_ERROR
 from .breakers.retrybudget import RetryBudget
 from .config import Tool
 from .pipeline import Call, Rejection
+from .observability.propagation import traceparent
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
@@ -86,7 +88,11 @@ class Upstream:
             connector=connector,
             auto_decompress=False,  # bytes pass through as the upstream sent them
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.tool.timeout_ms / 1000),
+            # The deadline is enforced by the socket: connect, and every read (the
+            # response headers, then each chunk of a streamed body). This costs no
+            # timer object per call, which asyncio.timeout would.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.tool.timeout_ms / 1000,
+                                          sock_read=self.tool.timeout_ms / 1000),
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
@@ -101,10 +107,16 @@ class Forwarder:
 
     name = "forward"
 
-    def __init__(self, tools: list[Tool], strip_request_headers: tuple[str, ...] = ()) -> None:
+    def __init__(self, tools: list[Tool], strip_request_headers: tuple[str, ...] = (),
+                 body_idle_timeout_s: float = 10.0) -> None:
         self.upstreams = {t.name: Upstream(t) for t in tools}
         # Regate's own credentials (the API key header) never reach a tool.
         self._request_drop = _REQUEST_DROP | {h.lower() for h in strip_request_headers}
+        # Header name -> forwarded or not, learnt as names are seen (bounded).
+        self._keep_request: dict[str, bool] = {}
+        self._keep_response: dict[str, bool] = {}
+        # The longest pause between two chunks of a streamed request body.
+        self.body_idle_timeout_s = body_idle_timeout_s
 
     async def start(self) -> None:
         for u in self.upstreams.values():
@@ -119,11 +131,20 @@ class Forwarder:
         drop = self._request_drop
         conn = _connection_tokens(request.headers) if "Connection" in request.headers else ()
         out: CIMultiDict[str] = CIMultiDict()
+        keep = self._keep_request
         for name, value in request.headers.items():
-            low = name.lower()
-            if low in drop or low in conn:
-                continue
-            out.add(name, value)
+            # Header names repeat call after call: remember each name's verdict
+            # instead of lower-casing and testing it every time.
+            ok = keep.get(name)
+            if ok is None:
+                low = name.lower()
+                # X-Regate-* is Regate's to say: an agent's own (a forged approval, decision
+                # id or agent header) never reaches a tool.
+                ok = not (low in drop or low.startswith("x-regate-"))
+                if len(keep) < 4096:
+                    keep[name] = ok
+            if ok and not (conn and name.lower() in conn):
+                out.add(name, value)
         upstream = self.upstreams[call.tool.name]
         out["Host"] = upstream.host_header
         peer = request.remote or ""
@@ -133,6 +154,10 @@ class Forwarder:
         if "Host" in request.headers:
             out["X-Forwarded-Host"] = request.headers["Host"]
         out["X-Regate-Decision-Id"] = call.id
+        if call.span is not None:
+            # Tracing on: the tool's parent is Regate's span (W3C trace context). The
+            # agent's tracestate passes on as it came; tracing off, so does traceparent.
+            out["traceparent"] = traceparent(call.span)
         if call.remove_headers:
             for name in call.remove_headers:
                 out.popall(name, None)
@@ -146,14 +171,23 @@ class Forwarder:
         size = 0
         digest = hashlib.sha256()
         stream = call.request.content
+        idle = self.body_idle_timeout_s
         while True:
-            chunk = await stream.readany()
+            # aiohttp wraps whatever a body generator raises in a connection error;
+            # the flags on the call say what really happened.
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await stream.readany()
+            except TimeoutError:
+                call.extra["body_timeout"] = True
+                raise _BodyTooLarge() from None
+            except (RequestPayloadError, ConnectionError):
+                call.extra["body_broken"] = True
+                raise
             if not chunk:
                 break
             size += len(chunk)
             if size > limit:
-                # aiohttp wraps whatever a body generator raises in a connection
-                # error; the flag on the call says what really happened.
                 call.extra["body_too_large"] = True
                 raise _BodyTooLarge()
             digest.update(chunk)
@@ -185,29 +219,32 @@ class Forwarder:
         budget = upstream.retry_budget
         budget.deposit(time.monotonic())
         # Only a call whose body can be sent again (none, or buffered) may be retried.
-        replayable = not isinstance(data, AsyncIterator) if data is not None else True
+        replayable = data is None or data is call.body
         headers = self._request_headers(call)
+        # The session's timeouts are the route's; only a decision's lower deadline needs its own.
+        timeout = (aiohttp.ClientTimeout(total=None, sock_connect=deadline, sock_read=deadline)
+                   if timeout_ms != tool.timeout_ms else None)
         try:
-            async with asyncio.timeout(deadline):
-                while True:
-                    try:
-                        resp = await upstream.session.request(
-                            request.method, url, headers=headers, data=data,
-                            allow_redirects=False, compress=None, chunked=None,
-                        )
-                        break
-                    except aiohttp.ClientConnectorError:
-                        # Regate's own retry: once, idempotent methods, connect errors only
-                        # (the tool never saw the call), within a retry budget of 10% of
-                        # calls, so Regate can never amplify a storm.
-                        if not (replayable and RetryBudget.safe(request.method, CONNECT_ERROR,
-                                                                call.extra.get("retries", 0))):
-                            raise
-                        delay = budget.withdraw(time.monotonic())
-                        if delay is None:
-                            raise
-                        call.extra["retries"] = 1
-                        await asyncio.sleep(delay)
+            while True:
+                try:
+                    resp = await upstream.session.request(
+                        request.method, url, headers=headers, data=data,
+                        allow_redirects=False, compress=None, chunked=None,
+                        **({"timeout": timeout} if timeout is not None else {}),
+                    )
+                    break
+                except aiohttp.ClientConnectorError:
+                    # Regate's own retry: once, idempotent methods, connect errors only
+                    # (the tool never saw the call), within a retry budget of 10% of
+                    # calls, so Regate can never amplify a storm.
+                    if not (replayable and RetryBudget.safe(request.method, CONNECT_ERROR,
+                                                            call.extra.get("retries", 0))):
+                        raise
+                    delay = budget.withdraw(time.monotonic())
+                    if delay is None:
+                        raise
+                    call.extra["retries"] = 1
+                    await asyncio.sleep(delay)
         except TimeoutError:
             call.upstream_ns = time.perf_counter_ns() - started
             raise UpstreamError(Rejection(
@@ -217,6 +254,14 @@ class Forwarder:
             if call.extra.get("body_too_large"):
                 raise UpstreamError(Rejection(
                     413, "body_too_large", f"request body exceeds this tool's limit of {tool.max_body_bytes} bytes"))
+            if call.extra.get("body_timeout"):
+                raise UpstreamError(Rejection(
+                    408, "body_timeout", f"the request body paused for more than {self.body_idle_timeout_s:g} s "
+                    "(http.body_idle_timeout_s); the tool got an incomplete request and was cut off"))
+            if call.extra.get("body_broken"):
+                raise UpstreamError(Rejection(
+                    400, "bad_body", "the request body is badly framed or was cut off; the tool got an incomplete "
+                    "request and was cut off"))
             raise UpstreamError(Rejection(
                 502, "upstream_unreachable", f"could not reach tool {tool.name!r}: {exc.__class__.__name__}"))
         except aiohttp.ClientError as exc:
@@ -234,11 +279,15 @@ class Forwarder:
     def _response_headers(self, call: Call, resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
         conn = _connection_tokens(resp.headers) if "Connection" in resp.headers else ()
         out: CIMultiDict[str] = CIMultiDict()
+        keep = self._keep_response
         for name, value in resp.headers.items():
-            low = name.lower()
-            if low in _RESPONSE_DROP or low in conn:
-                continue
-            out.add(name, value)
+            ok = keep.get(name)
+            if ok is None:
+                ok = name.lower() not in _RESPONSE_DROP
+                if len(keep) < 4096:
+                    keep[name] = ok
+            if ok and not (conn and name.lower() in conn):
+                out.add(name, value)
         cost = resp.headers.get("X-Regate-Cost")
         if cost is not None:
             # Tools that bill by tokens say what the call cost; the budget is corrected by it.
@@ -269,8 +318,7 @@ class Forwarder:
         chunked = "chunked" in resp.headers.get("Transfer-Encoding", "").lower()
         if length is not None and length <= SMALL_RESPONSE and not chunked:
             try:
-                async with asyncio.timeout(deadline):
-                    body = await resp.read()
+                body = await resp.read()  # sock_read bounds it
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamError(Rejection(
                     502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
@@ -296,6 +344,15 @@ class Forwarder:
                 return out
             if not chunk:
                 break
-            await out.write(chunk)
+            try:
+                # A client that stops reading stalls this write (back-pressure, so its
+                # memory stays bounded); one that stalls past the deadline is cut off.
+                async with asyncio.timeout(deadline):
+                    await out.write(chunk)
+            except (TimeoutError, ConnectionError):
+                call.extra["client_gone"] = True
+                if call.request.transport is not None:
+                    call.request.transport.close()
+                return out
         await out.write_eof()
         return out

@@ -382,8 +382,8 @@ def test_collector_exposes_devices_queue_and_counts():
     registry = CollectorRegistry()
     registry.register(GpuCollector(ctl))
     text = generate_latest(registry).decode()
-    assert 'regate_gpu_memory_free_mb{device="0",name="gpu0"} 8000.0' in text
-    assert 'regate_gpu_reserved_mb{device="0"} 6000.0' in text
+    assert 'regate_gpu_memory_free_bytes{device="0",name="gpu0"} 8.388608e+09' in text  # 8000 MiB
+    assert 'regate_gpu_reserved_bytes{device="0"} 6.291456e+09' in text  # 6000 MiB
     assert 'regate_gpu_queue_depth{priority="3"} 1.0' in text
     assert 'regate_gpu_shed_total{reason="queue_full"} 1.0' in text
     assert 'regate_gpu_admitted_total{waited="no"} 1.0' in text

@@ -191,9 +191,13 @@ async def test_accuracy_at_three_times_the_rate(upstream, keys_file, tmp_path, r
     redis_url = redis_server.url[:-1]  # .../0 -> .../<db>: one database per Regate
     procs = await start(regates, tmp_path, {
         "memory": base,
-        "redis": {**base, "store": {"store": "redis", "redis_url": redis_url + "1", "timeout_ms": 250}},
+        # A generous store timeout and deny-on-error: on a loaded CI machine a slow
+        # Redis must show up as a 503, never as a silent local fallback that over-admits.
+        "redis": {**base, "store": {"store": "redis", "redis_url": redis_url + "1", "timeout_ms": 2000,
+                                    "on_store_error": "deny"}},
         "workers2": {**base, "workers": 2,
-                     "store": {"store": "redis", "redis_url": redis_url + "2", "timeout_ms": 250}},
+                     "store": {"store": "redis", "redis_url": redis_url + "2", "timeout_ms": 2000,
+                               "on_store_error": "deny"}},
     })
     runs = await asyncio.gather(*(
         paced(f"{p.url}/tools/search/q", 3 * R, WINDOW_S, new_connections=name == "workers2")

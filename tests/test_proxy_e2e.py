@@ -239,5 +239,5 @@ async def test_health_and_metrics_are_open(regate):
             assert r.status == 200
         async with s.get(regate.admin_url + "/metrics") as r:
             text = await r.text()
-    assert 'regate_requests_total{outcome="forwarded",status="200",tool="echo"}' in text
+    assert 'regate_calls_total{outcome="forwarded",status="200",tool="echo"}' in text
     assert "regate_added_seconds_bucket" in text and "regate_upstream_seconds_bucket" in text

@@ -100,8 +100,8 @@ class Breakers:
                  on_transition: TransitionListener | None = None) -> None:
         self.config = config = config or BreakersConfig()
         self.tools = ToolBreakers(config.tool_config, on_transition)
-        self.agents = AgentBackoff(config.agent_config) if _any(config, "agent") else None
-        self.loops = LoopGuard(config.loop_config) if _any(config, "loop") else None
+        self.agents = AgentBackoff(config.agent_config) if any_enabled(config, "agent") else None
+        self.loops = LoopGuard(config.loop_config) if any_enabled(config, "loop") else None
         # Refusals by code, for the rejection metric.
         self.rejections = {"tool_unavailable": 0, "agent_backoff": 0, "retry_loop": 0}
         self._plans: dict[str, tuple] = {}  # tool -> (breaker, agents, loops), None where off
@@ -174,7 +174,8 @@ class Breakers:
         }
 
 
-def _any(config: BreakersConfig, section: str) -> bool:
+def any_enabled(config: BreakersConfig, section: str) -> bool:
+    """Whether a guard ("tool", "agent", "loop") is on for some tool."""
     if getattr(config, section).enabled:
         return True
     return any(getattr(o, section).enabled for o in config.overrides.values())

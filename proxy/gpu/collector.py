@@ -23,6 +23,9 @@ def _histogram(buckets: list[int]) -> list[tuple[str, float]]:
     return out
 
 
+_MIB = 1 << 20
+
+
 class GpuCollector:
     def __init__(self, controller: AdmissionController) -> None:
         self.controller = controller
@@ -35,26 +38,29 @@ class GpuCollector:
         c = self.controller
         view = c.view
         labels = ["device", "name"]
-        free = GaugeMetricFamily("regate_gpu_memory_free_mb", "Free GPU memory in the latest reading, MiB", labels=labels)
-        used = GaugeMetricFamily("regate_gpu_memory_used_mb", "Used GPU memory in the latest reading, MiB", labels=labels)
-        total = GaugeMetricFamily("regate_gpu_memory_total_mb", "GPU memory, MiB", labels=labels)
-        util = GaugeMetricFamily("regate_gpu_utilization_percent", "GPU utilisation in the latest reading", labels=labels)
+        # Base units (bytes, ratios 0-1), as every regate_ metric; config speaks MiB and percent.
+        free = GaugeMetricFamily("regate_gpu_memory_free_bytes", "Free GPU memory in the latest reading", labels=labels)
+        used = GaugeMetricFamily("regate_gpu_memory_used_bytes", "Used GPU memory in the latest reading", labels=labels)
+        total = GaugeMetricFamily("regate_gpu_memory_total_bytes", "GPU memory", labels=labels)
+        util = GaugeMetricFamily("regate_gpu_utilization_ratio", "GPU utilisation in the latest reading (0-1)",
+                                 labels=labels)
         age = GaugeMetricFamily("regate_gpu_reading_age_seconds", "Age of the latest measured reading", labels=labels)
-        reserved = GaugeMetricFamily("regate_gpu_reserved_mb", "MiB reserved by admitted in-flight calls", labels=["device"])
+        reserved = GaugeMetricFamily("regate_gpu_reserved_bytes", "GPU memory reserved by admitted in-flight calls",
+                                     labels=["device"])
         reservations = GaugeMetricFamily("regate_gpu_reservations", "Admitted in-flight GPU calls", labels=["device"])
         held = c.reserved()
         now = c._clock()
         for r in view.devices():
             key = [str(r.index), r.name]
-            free.add_metric(key, r.free_mb)
-            used.add_metric(key, r.used_mb)
-            total.add_metric(key, r.total_mb)
+            free.add_metric(key, r.free_mb * _MIB)
+            used.add_metric(key, r.used_mb * _MIB)
+            total.add_metric(key, r.total_mb * _MIB)
             if r.util_percent is not None:
-                util.add_metric(key, r.util_percent)
+                util.add_metric(key, r.util_percent / 100)
             if r.sampled_at is not None:
                 age.add_metric(key, max(0.0, now - r.sampled_at))
             n, mb = held.get(r.index, (0, 0))
-            reserved.add_metric([str(r.index)], mb)
+            reserved.add_metric([str(r.index)], mb * _MIB)
             reservations.add_metric([str(r.index)], n)
         yield from (free, used, total, util, age, reserved, reservations)
 

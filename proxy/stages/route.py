@@ -8,13 +8,27 @@ encoded slashes or backslashes, double encoding) are refused outright.
 from __future__ import annotations
 
 import re
+import unicodedata
+from urllib.parse import unquote
 
 from ..config import Tool
 from ..pipeline import Call, Rejection
 
 # %2e (.), %2f (/), %5c (\), %25 (%, i.e. double encoding), %00: each lets a path
-# look one way to Regate and another to the upstream.
-_AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00)", re.IGNORECASE)
+# look one way to Regate and another to the upstream. So do %c0/%c1 (overlong UTF-8
+# for '.' and '/', which lax decoders accept) and a '%' not followed by two hex digits
+# (IIS's %u002e, or garbage each decoder repairs its own way).
+_AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00|c0|c1)|%(?![0-9a-f]{2})", re.IGNORECASE)
+# Encoded non-ASCII: checked for characters that Unicode normalisation (NFKC, which
+# some servers apply) turns into '.', '/', '\\', '%' or ';' (fullwidth dots, slashes).
+_NON_ASCII = re.compile(r"%[89a-f][0-9a-f]", re.IGNORECASE)
+_STRUCTURAL = "./\\%;"
+
+
+def _normalises_into_structure(path: str) -> bool:
+    decoded = unquote(path, errors="replace")
+    norm = unicodedata.normalize("NFKC", decoded)
+    return norm != decoded and any(norm.count(c) != decoded.count(c) for c in _STRUCTURAL)
 
 
 class Route:
@@ -45,10 +59,13 @@ class Route:
         path = raw.split("?", 1)[0]
         if "\\" in path or _AMBIGUOUS.search(path):
             return Rejection(400, "bad_path", "path contains encoded dots, slashes, backslashes or percent signs")
+        if "%" in path and _NON_ASCII.search(path) and _normalises_into_structure(path):
+            return Rejection(400, "bad_path", "path contains encoded characters that normalise to dots or slashes")
         if "/." in path:
-            segments = path.split("/")
-            if ".." in segments or "." in segments:
-                return Rejection(400, "bad_path", "path contains '.' or '..' segments")
+            for segment in path.split("/"):
+                # `..;x` is `..` to servers that strip path parameters (Tomcat, Spring).
+                if segment.split(";", 1)[0] in (".", ".."):
+                    return Rejection(400, "bad_path", "path contains '.' or '..' segments")
         found = self.match(path, call.request.headers.get("Host"))
         if found is None:
             return Rejection(404, "unknown_tool", f"no tool is routed at {path!r}; tools live under /tools/<name>/")
