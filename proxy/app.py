@@ -23,6 +23,7 @@ from .observability import Observability, ObservabilityError
 from .pipeline import Pipeline, Stage
 from .approvals import build_stage
 from .breakers import Breakers, any_enabled, build
+from .breakers import parse as parse_breakers
 from .gpu import AdmissionConfig, AdmissionController, GpuCollector, GpuUnavailable, open_view
 from .limits import LimitsError, LimitStores, open_limit_stores
 from .recorder import AuditRecorder
@@ -95,7 +96,10 @@ class Regate:
         stages: list[Stage] = [
             Identify(cfg.auth.mode, cfg.auth.header, keys),
             Route(cfg.tools),
-            ReadBody(needs_body=cfg.policy.engine != "off", timeout_s=cfg.http.body_timeout_s),
+            # The body is read when a stage reads it: the policy, or the loop guard
+            # (which tells calls apart by their arguments).
+            ReadBody(needs_body=cfg.policy.engine != "off" or self._loop_guard_on(),
+                     timeout_s=cfg.http.body_timeout_s),
         ]
         if cfg.http.max_concurrent_per_agent:
             from .stages.concurrency import AgentConcurrency
@@ -120,6 +124,13 @@ class Regate:
         from .stages.mcp import McpStage
         stages += McpStage.for_config(cfg, self.policy)
         return stages
+
+    def _loop_guard_on(self) -> bool:
+        try:
+            parsed = parse_breakers(self.cfg.breakers, [t.name for t in self.cfg.tools])
+        except ValueError:
+            return False  # _breakers() reports the config error
+        return any_enabled(parsed, "loop")
 
     def _breakers(self) -> Breakers | None:
         metrics = self.metrics

@@ -96,6 +96,11 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
+        # aiohttp re-sends idempotent requests once on a dropped keep-alive
+        # connection, outside Regate's retry budget; Regate decides about
+        # retries (no public switch exists, hence the private attribute).
+        if hasattr(self.session, "_retry_connection"):
+            self.session._retry_connection = False
 
     async def close(self) -> None:
         if self.session is not None:

@@ -406,10 +406,6 @@ async def test_loop_guard_lets_a_genuinely_different_call_through(regate, flaky)
     assert flaky.calls("loop") == before + 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a body that is not JSON is never buffered, so the loop guard sees no body and takes every "
-    "such call on one path for the same call. Fix: proxy/stages/breaker.py BreakerStage.enter skips "
-    "the loop guard when the request has a body that was not read."))
 async def test_loop_guard_tells_plain_text_calls_apart(regate, flaky):
     flaky.mode("loop", "invalid", match="usr_nme", message=ERROR)
     async def post_text(text: str) -> int:
@@ -423,10 +419,6 @@ async def test_loop_guard_tells_plain_text_calls_apart(regate, flaky):
     assert await post_text("an altogether different question about refunds per carrier") == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with policy.engine: off the body is never buffered (ReadBody needs_body=False), so the loop "
-    "guard fingerprints every call as an empty body and refuses any call on the same path. Fix in "
-    "proxy/app.py Regate._stages: buffer JSON bodies when the loop guard is on."))
 async def test_loop_guard_tells_calls_apart_with_policy_off(flaky, keys_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loopoff")
     proc = _start_regate({
@@ -505,10 +497,6 @@ async def test_post_to_a_crashing_tool_is_sent_once(regate, flaky):
         flaky.gate("plain", hangup=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: aiohttp >= 3.10 resends an idempotent request once on ServerDisconnectedError/ClientOSError "
-    "(ClientSession._retry_connection), outside Regate's retry budget: every GET reaches a crashing tool "
-    "twice. Fix in proxy/upstream.py Upstream.start: session._retry_connection = False."))
 async def test_get_to_a_crashing_tool_stays_within_the_retry_budget(regate, flaky):
     flaky.gate("plain", hangup=10_000, after_head=True)
     try:

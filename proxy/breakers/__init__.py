@@ -107,13 +107,15 @@ class Breakers:
         self._plans: dict[str, tuple] = {}  # tool -> (breaker, agents, loops), None where off
 
     def admit(self, agent: str, tool: str, method: str, path: str, body: Any, now: float,
-              query: str = "") -> Admission | Refusal:
+              query: str = "", loop: bool = True) -> Admission | Refusal:
         """``body``: the parsed JSON when the read-body stage parsed it, else the raw
         bytes (or None). ``path``: the request path, without the query string."""
         plan = self._plans.get(tool)
         if plan is None:
             plan = self._plan(tool)
         breaker, agents, loops = plan
+        if not loop:
+            loops = None  # a body the guard cannot read: it cannot tell such calls apart
         if breaker is not None and breaker.state is not CLOSED and breaker.poll(now) is OPEN:
             # A sick tool is the truer diagnosis than this agent's own failures against it.
             self.rejections["tool_unavailable"] += 1

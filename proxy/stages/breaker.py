@@ -34,7 +34,8 @@ class BreakerStage:
         request = call.request
         body = call.body_json if call.body_json is not None else call.body
         verdict = self.breakers.admit(call.agent, call.tool_key, request.method, request.path, body,
-                                      time.monotonic(), query=request.query_string)
+                                      time.monotonic(), query=request.query_string,
+                                      loop=body is not None or not request.body_exists)
         if not isinstance(verdict, Admission):
             return Rejection(verdict.status, verdict.code, verdict.message, retry_after=verdict.retry_after_s)
         call.extra["breaker"] = verdict
