@@ -12,7 +12,6 @@ import asyncio
 import re
 
 import aiohttp
-import pytest
 import yaml
 
 from proxy import config as config_mod

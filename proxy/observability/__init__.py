@@ -47,6 +47,7 @@ class Observability:
                 raise ObservabilityError(str(exc)) from None
         self.explainer = build_explainer(o.explain, engine, policy, cfg.policy.opa.token) if self.ring is not None else None
         self.log = DecisionLog()
+        self._marks = self.ring is not None or self.tracing is not None
         self.started = time.time()
 
     @property
@@ -55,7 +56,8 @@ class Observability:
         return self if (self.ring is not None or self.tracing is not None or self.log.on) else None
 
     def begin(self, call: Any, steps: tuple[str, ...]) -> None:
-        call.marks = [steps]  # then one perf_counter_ns per step passed, in this order
+        if self._marks:
+            call.marks = [steps]  # then one perf_counter_ns per step passed, in this order
         if self.tracing is not None:
             self.tracing.begin(call)
 
@@ -75,7 +77,9 @@ class Observability:
                 ex = self.explainer
                 if ex is not None and (rejection is not None or call.shadow_denied or ex.every) and ex.wants(call):
                     explain = ex.explain(call)
-                # References only (request message, decision, rejection, extra): JSON is made when asked.
+                # References only (request line and headers as parsed, decision, rejection, extras):
+                # JSON is made when asked. NOTE: `_message` is aiohttp's parsed request; its public
+                # alias warns (deprecated) and method+path+headers would be three lookups per call.
                 ring.add((call.id, call.started_ns, call.agent, call.tool_key, call.request._message, status,
                           outcome, call.ended_by, call.marks, total_ns, call.upstream_ns, call.upstream_status,
                           revision, call.decision, rejection, call.extra, call.shadow_denied, trace_id, explain))

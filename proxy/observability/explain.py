@@ -26,6 +26,9 @@ from typing import Any
 
 import orjson
 
+from ..engines.decision import EngineError
+from ..engines.embedded import project
+
 log = logging.getLogger("regate.observability")
 
 # Input documents larger than this are not kept in the trace (their hash and size are).
@@ -113,14 +116,16 @@ class RegorusExplainer(_Explainer):
         self._for = compiled
 
     def explain(self, call: Any) -> dict[str, Any]:
-        compiled = self.engine._compiled
-        if compiled is None:
+        try:
+            compiled = self.engine.compiled
+        except EngineError:
             return {"engine": "embedded", "error": "the engine is not started"}
         if call.revision is not None and compiled.revision != call.revision:
             return {"engine": "embedded", "error": f"the policy was reloaded ({call.revision} -> "
                                                    f"{compiled.revision}) before the call could be explained"}
         try:
-            text = compiled._input_text(self.input_document(call))
+            # What the engine evaluated: the input cut down to the paths the policy reads.
+            text = orjson.dumps(project(self.input_document(call), compiled.projection)).decode()
             self._prepare(compiled)
             clone = self._clone
             clone.clear_coverage_data()
@@ -252,6 +257,8 @@ class OpaExplainer(_Explainer):
     def explain(self, call: Any) -> dict[str, Any]:
         result: dict[str, Any] = {"engine": "opa", "method": "explain=full", "state": "pending"}
         if len(self._tasks) >= self.max_in_flight:
+            # NOTE: deliberately lossy: a flood of denials must not become a flood of
+            # explain queries at OPA; the trace says this one was skipped.
             result.update(state="skipped", error="too many explanations in flight")
             return result
         reasons = call.rejection.reasons if call.rejection is not None else (

@@ -43,6 +43,8 @@ class Tracing:
                     "tracing.otlp_endpoint is set but the OTLP exporter is not installed: "
                     "pip install 'regate[otel]' (opentelemetry-exporter-otlp-proto-http)") from None
             exporter = OTLPSpanExporter(endpoint=section.otlp_endpoint, headers=dict(section.headers) or None)
+            # NOTE: deliberately lossy: when the collector cannot keep up, the SDK drops
+            # spans past this queue rather than slow calls down (it logs that it did).
             processor = BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000)
         else:
             processor = SimpleSpanProcessor(exporter)  # tests: spans are there when the call ends
