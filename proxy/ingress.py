@@ -62,7 +62,8 @@ def classify(status: int, exc: BaseException | None) -> tuple[int, str, str]:
     if isinstance(exc, BadHttpMessage):
         text = str(exc.message if isinstance(exc.message, str) else exc)
         if text.startswith("Too many headers"):
-            return 431, "request_head_too_large", "the request has more headers than this Regate accepts (http.max_headers)"
+            return 431, "request_head_too_large", ("the request has more headers than this Regate accepts "
+                                                   "(http.max_headers)")
         # The parser's first line names the problem; the raw bytes it quotes after are left out.
         first = text.split(":\n", 1)[0].split("\n", 1)[0].strip()[:200]
         return 400, "bad_request", f"malformed HTTP request: {first or 'rejected by the parser'}"

@@ -288,7 +288,10 @@ class Forwarder:
         for name, value in resp.headers.items():
             ok = keep.get(name)
             if ok is None:
-                ok = name.lower() not in _RESPONSE_DROP
+                low = name.lower()
+                # X-Regate-* towards the agent is Regate's own: a tool cannot forge a
+                # decision id, revision or approval id (X-Regate-Cost is read below).
+                ok = low not in _RESPONSE_DROP and not low.startswith("x-regate-")
                 if len(keep) < 4096:
                     keep[name] = ok
             if ok and not (conn and name.lower() in conn):

@@ -62,8 +62,8 @@ class Identify:
             if b"_" in name:
                 # X_Api_Key and X-Api-Key are one header to some servers (CGI, WSGI, nginx's
                 # underscores_in_headers) and two to others: refused, as Envoy advises at the edge.
-                return Rejection(400, "bad_header", f"header names may not contain '_' ({name[:64].decode('latin-1')!r}); "
-                                 "use '-'")
+                shown = name[:64].decode("latin-1")
+                return Rejection(400, "bad_header", f"header names may not contain '_' ({shown!r}); use '-'")
         headers = call.request.headers
         if self.mode == "none":
             agent = headers.get("X-Agent-Id")

@@ -23,6 +23,9 @@ _AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00|c0|c1)|%(?![0-9a-f]{2})", re.IGNORECA
 # some servers apply) turns into '.', '/', '\\', '%' or ';' (fullwidth dots, slashes).
 _NON_ASCII = re.compile(r"%[89a-f][0-9a-f]", re.IGNORECASE)
 _STRUCTURAL = "./\\%;"
+# Path parameters (`;x`), also encoded: `..;x` and `..%3bx` are `..` to servers that
+# strip parameters (Tomcat, Spring, Jetty; some after decoding).
+_PARAMS = re.compile(r";|%3b", re.IGNORECASE)
 
 
 def _normalises_into_structure(path: str) -> bool:
@@ -63,8 +66,7 @@ class Route:
             return Rejection(400, "bad_path", "path contains encoded characters that normalise to dots or slashes")
         if "/." in path:
             for segment in path.split("/"):
-                # `..;x` is `..` to servers that strip path parameters (Tomcat, Spring).
-                if segment.split(";", 1)[0] in (".", ".."):
+                if _PARAMS.split(segment, 1)[0] in (".", ".."):
                     return Rejection(400, "bad_path", "path contains '.' or '..' segments")
         found = self.match(path, call.request.headers.get("Host"))
         if found is None:

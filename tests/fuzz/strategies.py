@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 ROUTE_TOKENS = [
     "..", ".", "...", "%2e", "%2E", "%2e%2e", ".%2e", "%252e", "%252f", "%2f", "%2F", "%5c", "\\", ";", "..;", ";x=1",
-    "%3b", "%c0%ae", "%c0%af", "%e0%80%ae", "%ef%bc%8e", "%ef%bc%8f", "%ef%bc%bc", "\uff0e", "\uff0f", "\u2025",
+    "%3b", "..%3b", ".%3b", "..%3B;", "%c0%ae", "%c0%af", "%e0%80%ae", "%ef%bc%8e", "%ef%bc%8f", "%ef%bc%bc", "\uff0e", "\uff0f", "\u2025",
     "\u2024", "%e2%80%a5", "%", "%u002e", "%g1", "%00", "%0a", "%0d", "%20", "%41", "%7e", "a", "shell", "search",
     "deep", "files", "tools", "", "/", "?", "#", "%3f", "%23", "~", "-", "_", "\u00e9", "%c3%a9",
 ]
@@ -23,7 +23,7 @@ def route_paths(draw):
     prefix = draw(st.sampled_from(["/tools/search", "/tools/shell", "/tools/search/deep", "/tools/files", "/tools",
                                    "", "/tools/searc", "/TOOLS/search"]))
     parts = draw(st.lists(st.one_of(st.sampled_from(ROUTE_TOKENS),
-                                    st.text(alphabet=".%/;\\2eEfF5c0a", min_size=1, max_size=6)),
+                                    st.text(alphabet=".%/;\\2eEfF5c0a3bB", min_size=1, max_size=6)),
                           max_size=8))
     sep = draw(st.sampled_from(["/", "", "/"]))
     return (prefix + sep + "/".join(parts)).encode("utf-8")
@@ -97,8 +97,10 @@ def policy_inputs(draw):
     return head.encode("utf-8", "surrogatepass") + b"\n" + body
 
 
-MCP_NAMES = st.one_of(st.text(max_size=12), st.sampled_from(["search_tickets", "a\u202eb", "x\u200by", "\u0000",
-                                                             "a" * 200, "\ud7ff", "\U000e0001"]), st.integers(), st.none())
+MCP_NAMES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["search_tickets", "a\u202eb", "x\u200by", "\u0000", "a" * 200, "\ud7ff", "\U000e0001"]),
+    st.integers(), st.none())
 
 
 @st.composite

@@ -20,6 +20,7 @@ every input a fuzz run breaks on is saved there (REGATE_FUZZ_SAVE=1, as `make fu
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from urllib.parse import unquote
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from proxy import mcp
 from proxy.config import validate
@@ -61,7 +63,8 @@ class FakeRequest:
         self.raw_path = raw_path
         self.method = method
         path, _, self.query_string = raw_path.partition("?")
-        self.path = unquote(path, errors="surrogateescape")
+        path = path.partition("#")[0]
+        self.path = URL.build(path=path, encoded=True).path  # as aiohttp's parser builds it
         self.headers = CIMultiDictProxy(CIMultiDict(headers or []))
         self.raw_headers = tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
                                  for k, v in headers or [])
@@ -335,13 +338,24 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 }
 
 
+_LAST_FAILURE: dict[str, bytes] = {}
+
+
+def _save_failures() -> None:
+    # Hypothesis replays the shrunk, minimal failing input last: that is the one kept.
+    for target, data in _LAST_FAILURE.items():
+        d = CORPUS / target
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"crash-{hashlib.sha256(data).hexdigest()[:12]}").write_bytes(data)
+
+
 def run(target: str, data: bytes) -> None:
-    """Run a target; when REGATE_FUZZ_SAVE is set, an input that breaks it joins the corpus."""
+    """Run a target; when REGATE_FUZZ_SAVE is set, the input that breaks it joins the corpus."""
     try:
         TARGETS[target](data)
     except Exception:
         if os.environ.get("REGATE_FUZZ_SAVE"):
-            d = CORPUS / target
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"crash-{hashlib.sha256(data).hexdigest()[:12]}").write_bytes(data)
+            if not _LAST_FAILURE:
+                atexit.register(_save_failures)
+            _LAST_FAILURE[target] = data
         raise

@@ -10,7 +10,6 @@ costly part, and every test checks that Regate still answers afterwards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -159,10 +158,12 @@ class Exchange:
     closed: bool = False        # the server closed the connection
     timed_out: bool = False     # nothing more came within the timeout, connection still open
     leftover: bytes = b""       # bytes that did not parse as a response
+    raw: bytes = b""            # every byte received
 
     @property
     def first(self) -> Response:
-        assert self.responses, f"no response (closed={self.closed}, timed_out={self.timed_out}, {self.leftover[:200]!r})"
+        assert self.responses, \
+            f"no response (closed={self.closed}, timed_out={self.timed_out}, {self.leftover[:200]!r})"
         return self.responses[0]
 
 
@@ -189,10 +190,12 @@ def _parse_one(buf: bytes, eof: bool) -> tuple[Response | None, bytes]:
         while True:
             nl = rest.find(b"\r\n", pos)
             if nl < 0:
+                resp.body = body
                 return (None, buf) if not eof else (resp, b"")
             size = int(rest[pos:nl].split(b";")[0], 16)
             if size == 0:
                 tail = rest.find(b"\r\n", nl + 2)
+                resp.body = body
                 if tail < 0:
                     return (None, buf) if not eof else (resp, b"")
                 resp.body = body
@@ -260,6 +263,7 @@ def exchange(port: int, data: bytes | list[bytes], *, responses: int = 1, timeou
                     out.responses.append(resp)
                 break
             buf += chunk
+            out.raw += chunk
         out.leftover = buf
     return out
 
@@ -402,9 +406,10 @@ def assert_judged(audit_dir: Path, rec: dict, tool: str) -> dict:
     assert d["tool"] == tool, (d["tool"], tool)
     assert rec["raw_path"].startswith(f"/t/{tool}/") or rec["raw_path"].split("?")[0] == f"/t/{tool}", rec["raw_path"]
     assert d["method"] == rec["method"], (d, rec)
-    from urllib.parse import unquote
+    from yarl import URL
 
-    got_path = unquote(rec["raw_path"].split("?", 1)[0][len(f"/t/{tool}"):]) or "/"
+    # Decoded the way Regate decoded the path it judged (yarl, as aiohttp does).
+    got_path = URL(rec["raw_path"].split("?", 1)[0][len(f"/t/{tool}"):] or "/", encoded=True).path
     judged_path = d["path"][len(f"/tools/{tool}"):] or "/"
     assert got_path == judged_path, (got_path, judged_path)
     sha = d.get("body_sha256")

@@ -4,12 +4,15 @@ exactly one request, and the one Regate judged (same decision id, tool, method, 
 and body as its allow record), or nothing at all when Regate refused it. Regate never
 answers 5xx, never hangs, and still answers afterwards.
 
-`make test` runs a bounded, derandomised set; `make fuzz` many more (REGATE_FUZZ_EXAMPLES).
+`make test` runs a bounded, derandomised set and replays tests/fuzz/corpus/http/; `make fuzz`
+runs many more (REGATE_FUZZ_EXAMPLES) and saves a request that breaks the property there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import orjson
 import pytest
@@ -24,10 +27,21 @@ EXAMPLES = int(os.environ.get("REGATE_FUZZ_EXAMPLES", "150"))
 pytestmark = pytest.mark.timeout(300 if FUZZING else 60)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not FUZZING,
-          suppress_health_check=list(HealthCheck))
-@given(hostile_requests(KEYS))
-def test_each_hostile_request_reaches_one_tool_once_as_judged_or_nothing(judge, data):
+CORPUS = Path(__file__).resolve().parents[1] / "fuzz" / "corpus" / "http"
+
+
+def check(judge, data: bytes, replay: bool = False) -> None:
+    """The differential property for one raw request (see the module docstring)."""
+    try:
+        _check(judge, data, replay)
+    except Exception:
+        if os.environ.get("REGATE_FUZZ_SAVE"):
+            CORPUS.mkdir(parents=True, exist_ok=True)
+            (CORPUS / f"crash-{hashlib.sha256(data).hexdigest()[:12]}").write_bytes(data)
+        raise
+
+
+def _check(judge, data: bytes, replay: bool) -> None:
     ex, got = judge(data, timeout=5)
     assert ex.responses or ex.closed, f"no answer and the connection is still open: {data[:300]!r}"
     assert len(got) <= 1, got
@@ -35,7 +49,8 @@ def test_each_hostile_request_reaches_one_tool_once_as_judged_or_nothing(judge, 
         assert got == [], got  # closed without an answer: nothing may have run
         return
     resp = ex.responses[0]
-    event(f"status {resp.status} {resp.body[:40]!r}" if resp.status != 200 else "status 200")
+    if not replay:
+        event(f"status {resp.status}")
     assert resp.status < 500, (resp.status, resp.body[:300], data[:300])
     regate_said_no = False
     if (resp.header("Content-Type") or "").startswith("application/json") and resp.status >= 400:
@@ -50,6 +65,18 @@ def test_each_hostile_request_reaches_one_tool_once_as_judged_or_nothing(judge, 
     assert rec["decision_id"] == resp.decision_id
     tool = rec["raw_path"].split("/")[2].split("?")[0]
     assert_judged(judge.regate.audit_dir, rec, tool)
+
+
+@pytest.mark.parametrize("path", sorted(CORPUS.iterdir()), ids=lambda p: p.name)
+def test_corpus_replays(judge, path):
+    check(judge, path.read_bytes(), replay=True)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not FUZZING,
+          suppress_health_check=list(HealthCheck))
+@given(hostile_requests(KEYS))
+def test_each_hostile_request_reaches_one_tool_once_as_judged_or_nothing(judge, data):
+    check(judge, data)
 
 
 def test_regate_still_answers_after_the_run(judge):

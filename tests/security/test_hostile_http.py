@@ -174,6 +174,8 @@ TRAVERSAL = [
     "/tools/search/..\\shell/run",
     "/tools/search/..;/shell/run",
     "/tools/search/..;x=1/shell/run",
+    "/tools/search/..%3b/shell/run",
+    "/tools/search/..%3Bx/shell/run",
     "/tools/search/%c0%ae%c0%ae/shell/run",
     "/tools/search/%u002e%u002e/shell/run",
     "/tools/search/%/shell",
@@ -219,17 +221,21 @@ def test_connect_and_absolute_form_never_tunnel(judge):
     assert got == [] and ex.first.status == 404
 
 
-def test_upgrade_requests_are_not_switched_and_what_follows_is_judged(judge):
-    data = (b"GET /tools/search/ws HTTP/1.1\r\nHost: x\r\n" + K + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+@pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
+def test_upgrade_requests_are_not_switched_and_what_follows_is_judged(judge, upgrade):
+    data = (b"GET /tools/search/ws HTTP/1.1\r\nHost: x\r\n" + K + b"Connection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: " + upgrade + b"\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" + SMUGGLED)
-    ex, got = judge(data, responses=2, timeout=3)
-    assert all(r.status != 101 for r in ex.responses)
+    # After an upgrade request the parser holds what follows until the answer is out;
+    # for h2c aiohttp then closes or waits: either way the smuggled request is not run unjudged.
+    ex, got = judge(data, responses=2, timeout=1)
+    assert ex.responses and all(r.status != 101 for r in ex.responses)
     for rec in got:  # whatever reached a tool was judged for that tool
         tool = rec["raw_path"].split("/")[2]
         assert_judged(judge.regate.audit_dir, rec, tool)
     assert all(rec["raw_path"].startswith("/t/search/") for rec in got), got
     names = {k.lower() for rec in got for k, _ in rec["headers"]}
-    assert "upgrade" not in names
+    assert "upgrade" not in names and "http2-settings" not in names
 
 
 # ------------------------------------------------------------------ identity and Regate's own headers
@@ -263,6 +269,14 @@ def test_forged_approval_and_decision_id_headers_open_nothing(judge):
     got_headers = [(k.lower(), v) for k, v in rec["headers"]]
     assert ("x-regate-approval", forged) not in got_headers
     assert [v for k, v in got_headers if k == "x-regate-decision-id"] == [rec["decision_id"]]
+
+
+def test_a_tool_cannot_forge_regates_headers_towards_the_agent(judge):
+    resp, rec = judge.forwarded(request("GET", "/tools/search/forge"), "search")
+    assert resp.decision_id == rec["decision_id"]
+    assert resp.header("X-Regate-Approval") is None
+    assert resp.header("X-Regate-Policy-Revision") not in (None, "forged")
+    assert [k for k, _ in resp.headers].count("X-Regate-Decision-Id") == 1
 
 
 def test_a_second_api_key_header_does_not_pick_the_identity(judge):
