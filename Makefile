@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench fuzz venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { \
@@ -30,6 +30,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	@sh scripts/ensure-debs.sh wrk:wrk nginx:nginx
 	$(BIN)/python -m benchmarks $(if $(QUICK),--quick,) $(ARGS)
+
+# Longer, randomised fuzzing; every input that breaks a target joins tests/fuzz/corpus/.
+fuzz: $(STAMP)
+	REGATE_FUZZ_EXAMPLES=$${REGATE_FUZZ_EXAMPLES:-20000} REGATE_FUZZ_SAVE=1 $(BIN)/python -m pytest -q tests/fuzz $(ARGS)
 
 clean:
 	rm -rf $(VENV) audit build *.egg-info
