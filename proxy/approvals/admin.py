@@ -10,14 +10,13 @@ it on every /admin/approvals* request it makes.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+from ..ui import load_page
 
 from ..audit import AuditUnavailable
 from .approval import ID_PATTERN, STATES
@@ -30,27 +29,7 @@ MAX_APPROVER = 200
 MAX_COMMENT = 2000
 KEEPALIVE_S = 15.0
 
-_PAGE = (Path(__file__).parent / "inbox.html").read_text()
-# The page's one inline script and style are allowed by hash: nothing else
-# can run there, whatever an agent puts in the arguments the page shows.
-_SCRIPT = re.search(r"<script>(.*?)</script>", _PAGE, re.S).group(1)
-_STYLE = re.search(r"<style>(.*?)</style>", _PAGE, re.S).group(1)
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+_PAGE, PAGE_HEADERS = load_page(Path(__file__).parent / "inbox.html")
 
 
 def _json(data: object, status: int = 200) -> web.Response:

@@ -16,9 +16,6 @@ than code, message, reasons and decision id.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,30 +23,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from ..ui import load_page
+
 from .traces import DECISION_ID, find_in_audit, matches, summary, trace_json
 
 if TYPE_CHECKING:
     from ..app import Regate
 
-_PAGE = (Path(__file__).parent / "overview.html").read_text()
-_SCRIPT = re.search(r"<script>(.*?)</script>", _PAGE, re.S).group(1)
-_STYLE = re.search(r"<style>(.*?)</style>", _PAGE, re.S).group(1)
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+_PAGE, PAGE_HEADERS = load_page(Path(__file__).parent / "overview.html")
 MAX_LIST = 1000
 
 
