@@ -294,7 +294,7 @@ def plot(path: Path, tally: Tally, seconds: float) -> None:
 
     bucket = 10
     classes = sorted({c for counts in tally.by_second.values() for c in counts})
-    xs = list(range(0, int(seconds), bucket))
+    xs = list(range(0, int(seconds) // bucket * bucket, bucket))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for cls in classes:
         ys = [sum(tally.by_second[s][cls] for s in range(x, x + bucket)) / bucket for x in xs]
@@ -367,7 +367,8 @@ def main() -> int:
         codes[f"{cls}:{status}:{code}"] += n
         if status >= 500 and cls == "failing":
             injected_5xx += n
-    per_10s = [sum(sum(tally.by_second[s].values()) for s in range(x, x + 10)) / 10 for x in range(0, int(took), 10)]
+    full = int(took) // 10 * 10  # whole 10 s buckets only: the last partial one would read as a dip
+    per_10s = [sum(sum(tally.by_second[s].values()) for s in range(x, x + 10)) / 10 for x in range(0, full, 10)]
     growth = rss_growth(tally.rss, warmup)
     checks = {
         "rss_growth_under_10pct": growth["growth"] is not None and growth["growth"] < 0.10,
