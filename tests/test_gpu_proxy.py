@@ -1,6 +1,6 @@
 """GPU admission through the proxy, over real sockets, on the static view
 (this machine has no GPU; NVML's own code is covered in test_gpu_view.py and
-by tests/gpu_device_check.py on a GPU machine)."""
+by benchmarks/gpu_check.py on a GPU machine)."""
 
 from __future__ import annotations
 

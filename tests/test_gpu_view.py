@@ -2,7 +2,7 @@
 NVML can run, and says why), and NvmlView's own code — open, reading conversion, the
 250 ms sampler, error handling — driven by a stand-in for the handful of pynvml
 functions it calls, raising nvidia-ml-py's real error types. The stand-in is not the
-driver: tests/gpu_device_check.py checks NvmlView against a real GPU.
+driver: benchmarks/gpu_check.py checks NvmlView against a real GPU.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Check NvmlView and GPU admission against a real NVIDIA GPU (not a pytest test: run it).
 
-    .venv/bin/python tests/gpu_device_check.py [--device 0] [--budget-mb 4096] [--json out.json]
+    .venv/bin/python benchmarks/gpu_check.py [--device 0] [--budget-mb 4096] [--json out.json]
 
 The unit tests drive NvmlView through a stand-in for pynvml; only this script
 meets the real driver. It checks, on one device:
