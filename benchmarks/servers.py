@@ -248,6 +248,31 @@ def start_opa_rest_server(name: str, tmp: Path, cpus: str | None, rego: Path, da
     return proc, f"http://127.0.0.1:{port}"
 
 
+def start_redis(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
+    """A real redis-server (Debian package) on a free port, no persistence, for the shared limits store."""
+    import shutil
+    import socket
+    import time
+
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if binary is None:
+        raise StartError("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    workdir = tmp / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = Proc(name, [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--dir", str(workdir)], tmp / f"{name}.log", cpus)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.stop()
+    raise StartError(f"redis-server did not listen on {port}: {proc.log_tail()}")
+
+
 def start_regate(name: str, tmp: Path, cpus: str | None, config_yaml: str, port: int, admin_port: int,
                  workers: int = 1, timeout: float = 180.0) -> tuple[Proc, str, dict]:
     """`regate serve` with the given config; returns the process, its URL and /readyz's answer."""
