@@ -60,6 +60,8 @@ def finish(results: dict) -> None:
         "passthrough_rps_vs_bare_32": _ratio(rps("regate-passthrough", 32), rps("bare", 32)),
         "opa_rps_vs_full_32": _ratio(rps("regate-opa", 32), rps("regate-full", 32)),
         "redis_rps_vs_full_32": _ratio(rps("regate-full-redis", 32), rps("regate-full", 32)),
+        "full_rps_vs_notrace_32": _ratio(rps("regate-full", 32), rps("regate-full-notrace", 32)),
+        "otel_rps_vs_full_32": _ratio(rps("regate-full-otel", 32), rps("regate-full", 32)),
         "w2_rps_vs_full_32": _ratio(rps("regate-full-w2", 32), rps("regate-full", 32)),
         # CPU per request barely moves when other processes share the machine:
         # bare's CPU/req ÷ full's is the req/s ratio one saturated core would give.
@@ -128,6 +130,8 @@ def _ratio_lines(results: dict) -> list[str]:
         f"regate-passthrough req/s ÷ bare req/s (32 conns):   {_f(r['passthrough_rps_vs_bare_32'], '{:.2f}'):>6}",
         f"regate-opa req/s ÷ regate-full req/s (32 conns):    {_f(r['opa_rps_vs_full_32'], '{:.2f}'):>6}",
         f"regate-full-redis req/s ÷ regate-full (32 conns):   {_f(r['redis_rps_vs_full_32'], '{:.2f}'):>6}",
+        f"regate-full ÷ regate-full-notrace req/s (32 conns): {_f(r['full_rps_vs_notrace_32'], '{:.2f}'):>6}",
+        f"regate-full-otel req/s ÷ regate-full (32 conns):    {_f(r['otel_rps_vs_full_32'], '{:.2f}'):>6}",
         f"--workers 2 req/s ÷ regate-full req/s (32 conns):   {_f(r['w2_rps_vs_full_32'], '{:.2f}'):>6}",
     ]
     return lines

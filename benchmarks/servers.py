@@ -248,6 +248,25 @@ def start_opa_rest_server(name: str, tmp: Path, cpus: str | None, rego: Path, da
     return proc, f"http://127.0.0.1:{port}"
 
 
+def start_otlp_sink(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
+    """An OTLP/HTTP endpoint that answers 200 and decodes nothing: tracing's cost is Regate's alone."""
+    import socket
+    import time
+
+    port = free_port()
+    proc = Proc(name, [sys.executable, str(ROOT / "tests/support/otlp_collector.py"), str(port)],
+                tmp / f"{name}.log", cpus)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"http://127.0.0.1:{port}/v1/traces"
+        except OSError:
+            time.sleep(0.05)
+    proc.stop()
+    raise StartError(f"the OTLP sink did not listen on {port}: {proc.log_tail()}")
+
+
 def start_redis(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
     """A real redis-server (Debian package) on a free port, no persistence, for the shared limits store."""
     import shutil

@@ -105,7 +105,7 @@ def full_sections(run_dir: Path, rego: Path, data: Path, keys: Path) -> dict:
 
 def regate_config(variant: str, *, port: int, admin_port: int, upstream: str, run_dir: Path,
                   rego: Path | None = None, data: Path | None = None, keys: Path | None = None,
-                  opa_url: str | None = None, redis_url: str | None = None) -> str:
+                  opa_url: str | None = None, redis_url: str | None = None, otlp_url: str | None = None) -> str:
     cfg: dict = {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
@@ -118,6 +118,10 @@ def regate_config(variant: str, *, port: int, admin_port: int, upstream: str, ru
     else:
         assert rego is not None and data is not None and keys is not None
         cfg.update(full_sections(run_dir, rego, data, keys))
+        if variant == "notrace":
+            cfg["observability"] = {"traces": 0}  # no trace ring: the floor tracing is measured against
+        if variant == "otel":
+            cfg["tracing"] = {"otlp_endpoint": otlp_url}  # a span per call + one per stage, exported
         if variant == "redis":
             # The shared store replicas use: same limits, kept in a real redis-server.
             cfg["limits"] = {**cfg["limits"], "store": "redis", "redis_url": redis_url, "timeout_ms": 200}
@@ -196,7 +200,8 @@ def _start_bare(ctx: Context) -> Running:
 
 def start_regate(ctx: Context, name: str, variant: str, workers: int = 1, rego: Path | None = None,
                  data: Path | None = None, aux: list[servers.Proc] | None = None,
-                 opa_url: str | None = None, redis_url: str | None = None) -> Running:
+                 opa_url: str | None = None, redis_url: str | None = None,
+                 otlp_url: str | None = None) -> Running:
     import time
 
     port, admin_port = servers.free_port(), servers.free_port()
@@ -204,7 +209,7 @@ def start_regate(ctx: Context, name: str, variant: str, workers: int = 1, rego: 
     run_dir.mkdir(parents=True, exist_ok=True)
     text = regate_config(variant, port=port, admin_port=admin_port, upstream=ctx.upstream, run_dir=run_dir,
                          rego=rego or ctx.rego, data=data or ctx.data, keys=ctx.keys, opa_url=opa_url,
-                         redis_url=redis_url)
+                         redis_url=redis_url, otlp_url=otlp_url)
     cpus = ctx.layout.target_multi if workers > 1 else ctx.layout.target
     t0 = time.monotonic()
     try:
@@ -227,6 +232,11 @@ def _start_full_redis(ctx: Context) -> Running:
     return start_regate(ctx, "regate-full-redis", "redis", aux=[redis], redis_url=redis_url)
 
 
+def _start_full_otel(ctx: Context) -> Running:
+    sink, otlp_url = servers.start_otlp_sink("otlp-sink", ctx.tmp, ctx.layout.aux)
+    return start_regate(ctx, "regate-full-otel", "otel", aux=[sink], otlp_url=otlp_url)
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("direct", "the upstream alone (nginx, small JSON): the physical floor", _start_direct),
     Target("nginx", "nginx proxy_pass with upstream keep-alive: the ceiling for a proxy here", _start_nginx),
@@ -240,6 +250,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "(policy.timeout_ms 1000)", _start_opa),
     Target("regate-full-redis", "as regate-full, with rate limits and budgets in a real redis-server "
            "(limits.store: redis)", _start_full_redis),
+    Target("regate-full-notrace", "regate-full without the trace ring (observability.traces: 0)",
+           lambda ctx: start_regate(ctx, "regate-full-notrace", "notrace")),
+    Target("regate-full-otel", "regate-full exporting OTLP spans (tracing.otlp_endpoint) to a sink",
+           _start_full_otel),
     Target("regate-full-w2", "regate-full with --workers 2 (SO_REUSEPORT)",
            lambda ctx: start_regate(ctx, "regate-full-w2", "full", workers=2)),
 )}
