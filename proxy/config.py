@@ -121,6 +121,14 @@ class Auth(_Section):
     # File mapping sha256(key) -> agent id; relative to the config file.
     keys: str | None = "keys.yaml"
 
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        # Header names with '_' are refused on the data port (SECURITY.md).
+        if not re.fullmatch(r"[A-Za-z0-9-]+", v):
+            raise ValueError("must be a header name of letters, digits and '-' (no '_')")
+        return v
+
 
 class HttpLimits(_Section):
     """The HTTP parser's limits; defaults are aiohttp's, stated here so they are visible."""

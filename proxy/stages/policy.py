@@ -57,6 +57,10 @@ class PolicyStage:
             low = name.lower()
             if low in hidden:
                 continue
+            if not value.isascii():
+                # Not UTF-8 on the wire (aiohttp kept the bytes as surrogates): the
+                # policy sees replacement characters, not an encoding error.
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             headers[low] = f"{headers[low]}, {value}" if low in headers else value
         qs = request.query_string
         return {
