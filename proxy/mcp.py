@@ -272,42 +272,57 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 class SseReader:
     """Cuts a byte stream into SSE events as they complete (bounded: `pending`
-    says how many bytes wait for the end of an event)."""
+    says how many bytes wait for the end of an event).
 
-    __slots__ = ("_buf",)
+    Each byte is scanned once: the buffer grows in place and the scan resumes
+    where the last chunk left off, so an event sent in many small pieces costs
+    linear, not quadratic, time before `max_message_bytes` cuts in."""
+
+    __slots__ = ("_buf", "_pos", "_scan", "_lines")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._pos = 0  # start of the line being read (just after the last complete line)
+        self._scan = 0  # where the search for the next line end resumes
+        self._lines: list[bytes] = []  # complete lines of the event being read
 
     @property
     def pending(self) -> int:
         return len(self._buf)
 
     def take_pending(self) -> bytes:
-        buf, self._buf = self._buf, b""
+        buf = bytes(self._buf)
+        self._buf = bytearray()
+        self._pos = self._scan = 0
+        self._lines = []
         return buf
 
     def feed(self, chunk: bytes, final: bool = False) -> list[SseEvent]:
         """The events `chunk` completes; `final`: the stream ends here."""
-        buf = self._buf + chunk
+        buf = self._buf
+        buf += chunk
         events: list[SseEvent] = []
         start = 0
-        lines: list[bytes] = []
-        pos = 0
+        lines = self._lines
+        pos = self._pos
         # A trailing lone \r may be the first half of \r\n: wait for the next chunk.
         end = len(buf) - 1 if buf.endswith(b"\r") and not final else len(buf)
-        for m in _LINE_END.finditer(buf, 0, end):
-            line = buf[pos:m.start()]
+        for m in _LINE_END.finditer(buf, max(pos, self._scan), end):
+            line = bytes(buf[pos:m.start()])
             pos = m.end()
             if line:
                 lines.append(line)
             elif lines:
-                events.append(SseEvent(buf[start:pos], lines))
+                events.append(SseEvent(bytes(buf[start:pos]), lines))
                 lines = []
                 start = pos
             else:
                 start = pos  # blank lines between events
-        self._buf = buf[start:]
+        if start:
+            del buf[:start]
+        self._pos = pos - start
+        self._scan = end - start
+        self._lines = lines
         return events
 
 

@@ -196,3 +196,20 @@ def test_unknown_session_ids_are_refused_or_bound_to_their_first_agent(mode, out
     call = Call(make_mocked_request("POST", "/tools/t/mcp", headers={"Mcp-Session-Id": "s2"}))
     call.tool, call.agent = cfg.tools[0], "a"
     assert stage._check_session(route, call) is None
+
+
+def test_an_event_sent_in_many_small_pieces_is_scanned_once():
+    """A hostile tool trickling one huge SSE event must not stall Regate: each
+    byte is scanned once (this took ~13 s of CPU when every chunk rescanned)."""
+    import time
+
+    from proxy.mcp import SseReader
+
+    reader = SseReader()
+    data = b"data: " + b"x" * 2_000_000
+    started = time.process_time()
+    for i in range(0, len(data), 1024):
+        assert reader.feed(data[i:i + 1024]) == []
+    (event,) = reader.feed(b"\n\n")
+    assert event.raw == data + b"\n\n"
+    assert time.process_time() - started < 2.0
