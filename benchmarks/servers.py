@@ -248,30 +248,34 @@ def start_opa_rest_server(name: str, tmp: Path, cpus: str | None, rego: Path, da
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_otlp_sink(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
-    """An OTLP/HTTP endpoint that answers 200 and decodes nothing: tracing's cost is Regate's alone."""
+def _wait_port(proc: Proc, port: int, what: str, timeout: float) -> None:
+    """Until `port` accepts a connection; stops the process and says why if it never does."""
     import socket
     import time
 
-    port = free_port()
-    proc = Proc(name, [sys.executable, str(ROOT / "tests/support/otlp_collector.py"), str(port)],
-                tmp / f"{name}.log", cpus)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}/v1/traces"
+                return
         except OSError:
             time.sleep(0.05)
     proc.stop()
-    raise StartError(f"the OTLP sink did not listen on {port}: {proc.log_tail()}")
+    raise StartError(f"{what} did not listen on {port}: {proc.log_tail()}")
+
+
+def start_otlp_sink(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
+    """An OTLP/HTTP endpoint that answers 200 and decodes nothing: tracing's cost is Regate's alone."""
+    port = free_port()
+    proc = Proc(name, [sys.executable, str(ROOT / "tests/support/otlp_collector.py"), str(port)],
+                tmp / f"{name}.log", cpus)
+    _wait_port(proc, port, "the OTLP sink", 30)
+    return proc, f"http://127.0.0.1:{port}/v1/traces"
 
 
 def start_redis(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
     """A real redis-server (Debian package) on a free port, no persistence, for the shared limits store."""
     import shutil
-    import socket
-    import time
 
     binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
     if binary is None:
@@ -281,15 +285,8 @@ def start_redis(name: str, tmp: Path, cpus: str | None) -> tuple[Proc, str]:
     workdir.mkdir(parents=True, exist_ok=True)
     proc = Proc(name, [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                        "--dir", str(workdir)], tmp / f"{name}.log", cpus)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.stop()
-    raise StartError(f"redis-server did not listen on {port}: {proc.log_tail()}")
+    _wait_port(proc, port, "redis-server", 20)
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_regate(name: str, tmp: Path, cpus: str | None, config_yaml: str, port: int, admin_port: int,

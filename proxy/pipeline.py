@@ -65,6 +65,14 @@ class Rejection:
         return f"Rejection({self.status}, {self.code!r}, {self.message!r})"
 
 
+class UpstreamError(Exception):
+    """The forwarder could not complete a call; carries the rejection to answer with."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.message)
+        self.rejection = rejection
+
+
 # Decision ids: a random per-process prefix and a counter. Unique across
 # processes and restarts, and far cheaper per call than uuid4.
 _ID_PREFIX = os.urandom(5).hex()
@@ -224,8 +232,6 @@ class Pipeline:
         self.steps = tuple(s.name for s in self.stages) + (("audit",) if recorder is not None else ()) + ("forward",)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        from .upstream import UpstreamError  # local: upstream imports this module
-
         call = Call(request)
         entered: list[Stage] = []
         rejection: Rejection | None = None

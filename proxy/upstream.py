@@ -30,7 +30,7 @@ from yarl import URL
 from .breakers.outcome import CONNECT_ERROR
 from .breakers.retrybudget import RetryBudget
 from .config import Tool
-from .pipeline import Call, Rejection
+from .pipeline import Call, Rejection, UpstreamError
 from .observability.propagation import traceparent
 
 HOP_BY_HOP = frozenset({
@@ -51,12 +51,6 @@ def _connection_tokens(headers: CIMultiDict[str] | "web.BaseRequest.headers") ->
     for value in headers.getall("Connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
-
-
-class UpstreamError(Exception):
-    def __init__(self, rejection: Rejection) -> None:
-        super().__init__(rejection.message)
-        self.rejection = rejection
 
 
 class _BodyTooLarge(Exception):

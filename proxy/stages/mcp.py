@@ -49,8 +49,8 @@ from ..mcp import (
     parse_message,
     rejection_error,
 )
-from ..pipeline import Call, Handoff, Rejection
-from ..upstream import SMALL_RESPONSE, UpstreamError
+from ..pipeline import Call, Handoff, Rejection, UpstreamError
+from ..upstream import SMALL_RESPONSE
 
 log = logging.getLogger("regate.mcp")
 
@@ -357,10 +357,7 @@ class McpStage:
         content = resp.content
         while True:
             try:
-                async with asyncio.timeout(deadline):
-                    chunk = await content.readany()
-                if decoder is not None and chunk:
-                    chunk = decoder.decompress(chunk)
+                chunk = await _read_chunk(content, deadline, decoder)
             except (TimeoutError, aiohttp.ClientError, zlib.error):
                 return _broken(call, out)
             if not chunk:
@@ -601,15 +598,21 @@ def _broken(call: Call, out: web.StreamResponse) -> web.StreamResponse:
     return out
 
 
+async def _read_chunk(content: Any, deadline: float, decoder: Any) -> bytes:
+    """The next chunk of an upstream answer, inflated when it is compressed; b"" at the end."""
+    async with asyncio.timeout(deadline):
+        chunk = await content.readany()
+    if decoder is not None and chunk:
+        chunk = decoder.decompress(chunk)
+    return chunk
+
+
 async def _pipe(call: Call, resp: aiohttp.ClientResponse, out: web.StreamResponse, deadline: float,
                 decoder: Any) -> web.StreamResponse:
     content = resp.content
     while True:
         try:
-            async with asyncio.timeout(deadline):
-                chunk = await content.readany()
-            if decoder is not None and chunk:
-                chunk = decoder.decompress(chunk)
+            chunk = await _read_chunk(content, deadline, decoder)
         except (TimeoutError, aiohttp.ClientError, zlib.error):
             return _broken(call, out)
         if not chunk:
