@@ -77,10 +77,12 @@ class Observability:
                 ex = self.explainer
                 if ex is not None and (rejection is not None or call.shadow_denied or ex.every) and ex.wants(call):
                     explain = ex.explain(call)
-                # References only (request line and headers as parsed, decision, rejection, extras):
-                # JSON is made when asked. NOTE: `_message` is aiohttp's parsed request; its public
-                # alias warns (deprecated) and method+path+headers would be three lookups per call.
-                ring.add((call.id, call.started_ns, call.agent, call.tool_key, call.request._message, status,
+                # References only (decision, rejection, extras): JSON is made when asked. Not the
+                # parsed request itself: an entry outlives its call by `traces` calls, and freeing
+                # a cold request (headers, raw bytes) when its slot is reused cost ~5 us a call.
+                request = call.request
+                ring.add((call.id, call.started_ns, call.agent, call.tool_key, request.method, request.rel_url,
+                          request.headers.get("traceparent") if span is None else None, status,
                           outcome, call.ended_by, call.marks, total_ns, call.upstream_ns, call.upstream_status,
                           revision, call.decision, rejection, call.extra, call.shadow_denied, trace_id, explain))
             lg = self.log

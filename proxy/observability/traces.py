@@ -25,8 +25,8 @@ from ..audit import SEGMENT_RE
 from .propagation import parse_traceparent
 
 # The stored tuple, field by field.
-(ID, STARTED_NS, AGENT, TOOL, MESSAGE, STATUS, OUTCOME, ENDED_BY, MARKS, TOTAL_NS, UPSTREAM_NS, UPSTREAM_STATUS,
- REVISION, DECISION, REJECTION, EXTRA, SHADOW, TRACE_ID, EXPLAIN) = range(19)
+(ID, STARTED_NS, AGENT, TOOL, METHOD, URL, PARENT, STATUS, OUTCOME, ENDED_BY, MARKS, TOTAL_NS, UPSTREAM_NS,
+ UPSTREAM_STATUS, REVISION, DECISION, REJECTION, EXTRA, SHADOW, TRACE_ID, EXPLAIN) = range(21)
 
 DECISION_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # How much of the audit log a lookup of an old decision reads, newest segments first.
@@ -94,14 +94,13 @@ def wall_time(entry: tuple) -> float:
 
 
 def summary(entry: tuple) -> dict[str, Any]:
-    message = entry[MESSAGE]
     return {
         "decision_id": entry[ID],
         "ts": round(wall_time(entry), 6),
         "agent": entry[AGENT],
         "tool": entry[TOOL],
-        "method": message.method,
-        "path": message.url.path,
+        "method": entry[METHOD],
+        "path": entry[URL].path,
         "status": entry[STATUS],
         "outcome": entry[OUTCOME],
         "stage": entry[ENDED_BY],
@@ -179,7 +178,7 @@ def trace_json(entry: tuple) -> dict[str, Any]:
     doc = summary(entry)
     trace_id = entry[TRACE_ID]
     if trace_id is None:  # tracing off: name the agent's own trace, if it sent one
-        parsed = parse_traceparent(entry[MESSAGE].headers.get("traceparent"))
+        parsed = parse_traceparent(entry[PARENT])
         trace_id = parsed[0] if parsed else None
     doc.update({
         "source": "trace",
