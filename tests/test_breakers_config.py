@@ -28,7 +28,7 @@ breakers:
     idle_ttl_s: 600
     max_entries: 10000
   loop:
-    repeats: 3
+    repeats: 2
     window_s: 60
     similarity: 0.8
     ignore_fields: [request_id, requestId, nonce, timestamp, idempotency_key, idempotencyKey, trace_id,

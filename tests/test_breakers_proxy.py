@@ -430,8 +430,9 @@ async def test_loop_guard_tells_calls_apart_with_policy_off(flaky, keys_file, tm
     }, tmp, flaky)
     try:
         flaky.mode("loopoff", "invalid", match="usr_nme", message=ERROR)
-        for _ in range(3):
+        for _ in range(2):  # the default loop.repeats
             assert (await send(proc, "loopoff", body=BASE)).status == 400
+        assert (await send(proc, "loopoff", body=BASE)).json["error"]["code"] == "retry_loop"
         r = await send(proc, "loopoff", body={"query": "a different question altogether", "limit": 5})
         assert r.status == 200, r.json
     finally:

@@ -36,10 +36,16 @@ def same_features(a, b) -> bool:
     return fingerprint(a, "", IGNORE).digest == fingerprint(b, "", IGNORE).digest
 
 
+# The tables below are written for a guard that refuses after three failures, so a
+# table can show both "still passes" and "now refused"; the shipped default (two)
+# has its own test.
+M3 = {"repeats": 3}
+
+
 def run(steps, **cfg) -> LoopGuard:
     """Steps: (t, call, outcome, expected). call = (agent, method, path, body) or a body
     alone (agent a, POST /run); expected PASS, or ("refused", kind, retry_after_s)."""
-    g = LoopGuard(LoopGuardConfig(**cfg))
+    g = LoopGuard(LoopGuardConfig(**{**M3, **cfg}))
     for i, (t, call, out, want) in enumerate(steps):
         agent, method, path, body = call if isinstance(call, tuple) else ("a", "POST", "/run", call)
         r = g.check(agent, "search", method, path, body, t)
@@ -66,8 +72,20 @@ def test_an_exact_repeat_is_refused_after_three_failures_until_the_first_leaves_
     assert g.rejected_exact == 3
 
 
-def test_the_refusal_quotes_the_last_error_and_says_what_to_do():
+def test_by_default_a_call_that_failed_twice_is_refused_the_third_time():
     g = LoopGuard(LoopGuardConfig())
+    body = {"q": LONG, "request_id": "r-1"}
+    for t in (0.0, 1.0):
+        assert g.check("a", "search", "POST", "/run", body, t) is None
+        g.record("a", "search", "POST", "/run", body, t, Outcome.CLIENT_ERROR, 400, "no such table")
+    near = {"q": LONG[:40] + "X" + LONG[41:], "request_id": "r-3"}
+    r = g.check("a", "search", "POST", "/run", near, 2.0)
+    assert r is not None and r.code == "retry_loop" and "has failed 2 times" in r.message
+    assert g.check("a", "search", "POST", "/run", {"q": "a different question"}, 2.0) is None
+
+
+def test_the_refusal_quotes_the_last_error_and_says_what_to_do():
+    g = LoopGuard(LoopGuardConfig(**M3))
     for t in (0.0, 1.0, 2.0):
         g.record("a", "search", "POST", "/run", {"q": ""}, t, Outcome.CLIENT_ERROR, 400, "'q' must not be empty")
     r = g.check("a", "search", "POST", "/run", {"q": ""}, 3.0)
@@ -186,8 +204,59 @@ def test_near_misses_count_towards_the_same_loop():
     ])
 
 
+def drift(steps: int, seed: int = 7) -> list[str]:
+    """An agent's edits of a failing argument: each one character away from the last."""
+    rng = random.Random(seed)
+    out = [LONG]
+    for _ in range(steps):
+        q = out[-1]
+        pos = rng.randrange(len(q))
+        out.append(q[:pos] + rng.choice(string.ascii_lowercase) + q[pos + 1:])
+    return out
+
+
+def test_the_guard_follows_an_agent_editing_its_way_past_the_failures():
+    v = drift(14)
+    # By the end the edits are far from both calls that failed: compared with the
+    # failures alone, the last ones would reach the tool again.
+    assert sim({"q": v[-1]}, {"q": v[0]}) < 0.8 and sim({"q": v[-1]}, {"q": v[1]}) < 0.8
+    g = run([
+        (0.0, {"q": v[0]}, "400", PASS),
+        (1.0, {"q": v[1]}, "400", PASS),
+        *[(1.0 + i, {"q": v[i]}, "400", ("refused", "near", 59.0 - i)) for i in range(2, len(v))],
+        # A genuinely different call goes through, and the chain lifts when the failures
+        # it stands on leave the window: hammering does not extend it.
+        (20.0, {"q": "weather in Paris tomorrow"}, "200", PASS),
+        (59.9, {"q": v[-1] + "?"}, "400", ("refused", "near", 0.1)),
+        (60.0, {"q": v[-1] + "?"}, "400", PASS),
+    ], repeats=2)
+    assert g.rejected_near == len(v) - 1
+    # Echoes are not failures: the policy's state.recent_failures counts what reached the tool.
+    assert g.recent_failures("a", "search", 60.5) == 2  # the ones at t=1 and t=60
+
+
+def test_an_echo_says_how_many_times_the_call_really_failed():
+    v = drift(8)
+    g = LoopGuard(LoopGuardConfig(repeats=2))
+    for t, q in ((0.0, v[0]), (1.0, v[1])):
+        g.record("a", "search", "POST", "/run", {"q": q}, t, Outcome.CLIENT_ERROR, 400, "no such table")
+    for t, q in enumerate(v[2:], start=2):
+        r = g.check("a", "search", "POST", "/run", {"q": q}, float(t))
+        assert r is not None and "has failed 2 times" in r.message and "no such table" in r.message
+
+
+def test_the_echoes_of_a_hammering_agent_stay_within_history():
+    v = drift(200, seed=3)
+    g = LoopGuard(LoopGuardConfig(repeats=2, history=8))
+    for t, q in ((0.0, v[0]), (0.5, v[1])):
+        g.record("a", "search", "POST", "/run", {"q": q}, t, Outcome.CLIENT_ERROR, 400, "bad")
+    for i, q in enumerate(v[2:]):
+        g.check("a", "search", "POST", "/run", {"q": q}, 1.0 + i * 0.01)
+    assert len(g._pairs[("a", "search")].failures) <= 8
+
+
 def test_query_strings_are_part_of_the_call():
-    g = LoopGuard(LoopGuardConfig())
+    g = LoopGuard(LoopGuardConfig(**M3))
     for t in (0.0, 1.0, 2.0):
         g.record("a", "s", "GET", "/search", None, t, Outcome.CLIENT_ERROR, 400, query="q=&limit=10&request_id=1")
     assert g.check("a", "s", "GET", "/search", None, 3.0, query="limit=10&q=&request_id=2") is not None
@@ -209,7 +278,7 @@ def test_volatile_fields_are_configurable():
 
 
 def test_no_fingerprint_is_computed_for_an_agent_without_recent_failures():
-    g = LoopGuard(LoopGuardConfig())
+    g = LoopGuard(LoopGuardConfig(**M3))
     for i in range(1000):
         assert g.check(f"a{i % 7}", "s", "POST", "/run", {"q": LONG}, float(i)) is None
         g.record(f"a{i % 7}", "s", "POST", "/run", {"q": LONG}, float(i), Outcome.SUCCESS, 200)

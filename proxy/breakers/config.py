@@ -71,7 +71,7 @@ class LoopGuardConfig:
 
     enabled: bool = True
     # Refuse a call once the same or a near-same call failed this many times ...
-    repeats: int = 3
+    repeats: int = 2
     # ... within this many seconds.
     window_s: float = 60.0
     # Jaccard similarity of the normalised bodies' shingles at or above which two

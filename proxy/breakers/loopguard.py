@@ -9,6 +9,14 @@ over normalised shingles, see ``fingerprint``) to ``repeats`` failures within
 quoted, and ``Retry-After`` at the moment the oldest of those failures leaves the
 window. A success of a matching call wipes the failures it matches.
 
+The guard follows drift. An agent stuck on a failing call edits it a little each
+time; compared only with the failures, its edits drift out of range after a few
+steps and one more failing call reaches the tool. So a refused call is kept as an
+*echo* of the failures it was refused for: a call near an echo is refused too,
+until the same moment the first refusal lifts (an echo never extends it, so
+``Retry-After`` stays true however hard the agent hammers). Only a call that is
+different from the failures and from everything refused since gets through.
+
 Only failures that say "this call is wrong" are loop material: 4xx and 5xx
 answers except the statuses that invite a retry of the same call (408, 425, 429,
 502, 503, 504 by default: the tool breaker and rate limits own those), never
@@ -34,13 +42,18 @@ _SWEEP_EVERY_S = 1.0
 
 
 class _Failure:
-    __slots__ = ("t", "method", "path", "loops", "size", "digest", "sketch", "error")
+    """A failed call, or an echo: a refused call, standing for the `echo` failures it
+    was refused for, and expiring with them (`t` is theirs, not the refusal's)."""
 
-    def __init__(self, t: float, method: str, path: str, error: str, fp: Fingerprint | None) -> None:
+    __slots__ = ("t", "method", "path", "loops", "size", "digest", "sketch", "error", "echo")
+
+    def __init__(self, t: float, method: str, path: str, error: str, fp: Fingerprint | None,
+                 echo: int = 0) -> None:
         self.t = t
         self.method = method
         self.path = path
         self.error = error
+        self.echo = echo
         self.loops = fp is not None
         if fp is not None:
             self.size = fp.size
@@ -98,24 +111,33 @@ class LoopGuard:
         cfg = h.config
         since = now - cfg.window_s
         cands = [f for f in h.failures if f.loops and f.t > since and f.path == path and f.method == method]
-        if len(cands) < cfg.repeats:
+        repeats = cfg.repeats
+        if len(cands) < repeats and not any(f.echo for f in cands):
             return None, None
         fp = self._fingerprint(body, query, h)
         same = self._alike(fp, cands, cfg.similarity)
-        if len(same) < cfg.repeats:
+        failed = [f for f in same if not f.echo]
+        echoes = [f for f in same if f.echo]
+        # The refusal lifts when only repeats-1 of the failures are left in the window
+        # (they are kept in time order), or, near an echo only, when the echo's do.
+        if len(failed) >= repeats:
+            anchor = failed[len(failed) - repeats].t
+        elif echoes:
+            anchor = max(f.t for f in echoes)
+        else:
             return None, fp
+        times = max(len(failed), max((f.echo for f in echoes), default=0))
         exact = all(fp.digest == f.digest and fp.size == f.size for f in same)
         if exact:
             self.rejected_exact += 1
         else:
             self.rejected_near += 1
-        # Failures are appended in time order: the refusal lifts when only repeats-1
-        # of them are left in the window.
-        wait = same[len(same) - cfg.repeats].t + cfg.window_s - now
+            self._append(h, _Failure(anchor, method, path, same[-1].error, fp, times), now)
+        wait = anchor + cfg.window_s - now
         alike = "identical" if exact else "near-identical"
         return Refusal(
             429, "retry_loop", "exact" if exact else "near",
-            f"this call ({method} {path}) has failed {len(same)} times in the last {cfg.window_s:g}s with "
+            f"this call ({method} {path}) has failed {times} times in the last {cfg.window_s:g}s with "
             f"{alike} arguments (last error: {same[-1].error}); change the arguments or stop retrying. "
             f"The same call is refused for {seconds(wait)}.",
             wait,
@@ -160,14 +182,20 @@ class LoopGuard:
         h.last_seen = now
         loops = (outcome == CLIENT_ERROR or outcome == SERVER_ERROR) and status not in cfg.ignore_statuses
         fp = (fingerprint or self._fingerprint(body, query, h)) if loops else None
+        self._append(h, _Failure(now, method, path, describe(outcome, status, error), fp), now)
+        if len(pairs) > self._max_entries or now >= self._next_sweep:
+            self._sweep(now)
+
+    @staticmethod
+    def _append(h: _History, entry: _Failure, now: float) -> None:
+        """Keep `entry`, within the window and at most `history` entries."""
         failures = h.failures
+        cfg = h.config
         since = now - cfg.window_s
         if failures and (failures[0].t <= since or len(failures) >= cfg.history):
             failures = [f for f in failures if f.t > since][-(cfg.history - 1):] if cfg.history > 1 else []
             h.failures = failures
-        failures.append(_Failure(now, method, path, describe(outcome, status, error), fp))
-        if len(pairs) > self._max_entries or now >= self._next_sweep:
-            self._sweep(now)
+        failures.append(entry)
 
     def recent_failures(self, agent: str, tool: str, now: float) -> int:
         """Failures of this agent on this tool within the window (any kind)."""
@@ -175,7 +203,7 @@ class LoopGuard:
         if h is None:
             return 0
         since = now - h.config.window_s
-        return sum(1 for f in h.failures if f.t > since)
+        return sum(1 for f in h.failures if f.t > since and not f.echo)
 
     def reset(self, agent: str | None = None, tool: str | None = None) -> int:
         keys = [k for k in self._pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
@@ -190,7 +218,7 @@ class LoopGuard:
         out = []
         for (agent, tool), h in self._pairs.items():
             since = now - h.config.window_s
-            live = [f for f in h.failures if f.t > since]
+            live = [f for f in h.failures if f.t > since and not f.echo]
             if live:
                 out.append({"agent": agent, "tool": tool, "recent_failures": len(live),
                             "last_error": live[-1].error,
