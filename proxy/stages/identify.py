@@ -48,6 +48,14 @@ def load_keys(path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return table
 
 
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class Identify:
     name = "identify"
 
@@ -58,12 +66,17 @@ class Identify:
         self._seen: dict[str, tuple[str, dict[str, Any]]] = {}
 
     async def enter(self, call: Call) -> Rejection | None:
-        for name, _ in call.request.raw_headers:
+        for name, value in call.request.raw_headers:
             if b"_" in name:
                 # X_Api_Key and X-Api-Key are one header to some servers (CGI, WSGI, nginx's
                 # underscores_in_headers) and two to others: refused, as Envoy advises at the edge.
                 shown = name[:64].decode("latin-1")
                 return Rejection(400, "bad_header", f"header names may not contain '_' ({shown!r}); use '-'")
+            if not value.isascii() and not _is_utf8(value):
+                # Legal bytes (obs-text), but the upstream client can only send text: the tool
+                # would get the value with those bytes dropped, not the value that was judged.
+                shown = name[:64].decode("latin-1")
+                return Rejection(400, "bad_header", f"header {shown!r} is not valid UTF-8; send UTF-8 or ASCII")
         headers = call.request.headers
         if self.mode == "none":
             agent = headers.get("X-Agent-Id")

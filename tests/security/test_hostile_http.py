@@ -371,3 +371,18 @@ def test_big_but_sane_json_is_judged_and_forwarded_intact(judge):
     assert len(body) < 1 << 20
     _, rec = judge.forwarded(request("POST", "/tools/shell/run", body=body, content_type="application/json"), "shell")
     assert rec["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# ------------------------------------------------------------------ header bytes
+
+def test_a_header_value_that_is_not_utf8_is_refused_not_altered(judge):
+    # "café" in Latin-1: legal HTTP bytes, but the tool could only be sent "caf", a
+    # value nobody judged. Refused, naming the header.
+    err = judge.refused(request("GET", "/tools/search/q", headers=[("X-Note", "café")]), 400, "bad_header")
+    assert "X-Note" in err["message"] and "UTF-8" in err["message"]
+
+
+def test_a_utf8_header_value_reaches_the_tool_as_sent(judge):
+    utf8 = "café ☕".encode().decode("latin-1")  # request() writes Latin-1: these are the UTF-8 bytes
+    _, rec = judge.forwarded(request("GET", "/tools/search/q", headers=[("X-Note", utf8)]), "search")
+    assert ["X-Note", "café ☕"] in rec["headers"]
