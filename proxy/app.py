@@ -110,6 +110,8 @@ class Regate:
             stages.append(self.policy)
         if cfg.limits.enabled:
             stages.append(self._ratelimit_stage())
+            if self.policy is not None:
+                self.policy.limits = self.ratelimit  # enforces the decision's `limits`
         self.breakers = self._breakers()
         if self.breakers is not None:
             stages.append(BreakerStage(self.breakers, self.metrics))
@@ -121,6 +123,8 @@ class Regate:
         if self._gpu_wanted():
             self.gpu = GpuAdmission(self.metrics or Metrics())
             stages.append(self.gpu)
+            if self.policy is not None:
+                self.policy.gpu = self.gpu  # state.gpu in the policy input
         from .stages.mcp import McpStage
         stages += McpStage.for_config(cfg, self.policy)
         return stages

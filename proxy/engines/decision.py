@@ -24,7 +24,7 @@ class Decision:
     __slots__ = (
         "allow", "reasons", "approval_required", "approval_reason", "approval_mode",
         "approval_mask", "timeout_ms", "gpu_memory_mb", "gpu_priority", "headers_set",
-        "headers_remove", "cost", "limits", "raw",
+        "headers_remove", "cost", "limits", "limit_checks", "raw",
     )
 
     def __init__(self, allow: bool, reasons: list[str] | None = None, *, raw: dict | None = None) -> None:
@@ -41,6 +41,9 @@ class Decision:
         self.headers_remove: list[str] = []
         self.cost: float | None = None
         self.limits: dict[str, Any] | None = None
+        # ``limits`` compiled once: (agent Rate, agent×tool Rate, Budget), each None for "no
+        # extra limit"; None when the decision adds none. Applied by the ratelimit stage.
+        self.limit_checks: tuple[Any, Any, Any] | None = None
         self.raw = raw if raw is not None else {"allow": allow, "reasons": self.reasons}
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +147,23 @@ def parse_decision(raw: Any, *, from_json: bool = False) -> Decision:
 
     d.cost = _num(raw, "cost", "decision.")
     limits = raw.get("limits")
-    if limits is not None and not isinstance(limits, dict):
-        raise DecisionError("decision.limits must be an object")
-    d.limits = limits
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise DecisionError("decision.limits must be an object")
+        d.limits = limits
+        d.limit_checks = _limit_checks(limits)
     return d
+
+
+def _limit_checks(limits: dict) -> tuple[Any, Any, Any] | None:
+    """``decision.limits`` → (agent Rate, tool Rate, Budget) or None; DecisionError names the field.
+
+    Same spellings as policies/limits.yaml. ``null``/``unlimited``/absent add no limit: a
+    decision can only add limits to a call, never lift the data's (checked before the policy).
+    """
+    from ..limits.table import LimitsError, decision_limits
+
+    try:
+        return decision_limits(limits)
+    except LimitsError as exc:
+        raise DecisionError(str(exc)) from None

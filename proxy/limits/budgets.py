@@ -151,19 +151,22 @@ class MemoryBudgets:
         return len(self._spent)
 
     def step(self, agent: str, budget: Budget | None, cost: float, mode: str,
-             now: float | None = None) -> BudgetVerdict:
+             now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
+        """``scope`` names a separate account of the same agent (the decision's own budget
+        uses "decision"): its spending never counts against the unscoped one."""
         if budget is None:
             return NO_BUDGET
         now_us = round((self._clock() if now is None else now) * _US)
         entries = self._spent
-        stored = entries.get(agent)
+        key: object = agent if scope is None else (scope, agent)
+        stored = entries.get(key)
         if stored is None:
             allowed, spent, end_us, write = budget_step(None, None, 0.0, now_us, budget, cost, mode)
         else:
             allowed, spent, end_us, write = budget_step(stored[0], stored[1], stored[2], now_us,
                                                          budget, cost, mode)
         if write:
-            entries[agent] = (end_us, budget.window_s, spent)
+            entries[key] = (end_us, budget.window_s, spent)
             if stored is None:
                 self._sweep(now_us)
         remaining = budget.units - spent
@@ -171,19 +174,19 @@ class MemoryBudgets:
                              (end_us - now_us) / _US, budget)
 
     async def check(self, agent: str, budget: Budget | None, cost: float,
-                    now: float | None = None) -> BudgetVerdict:
+                    now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
         """Would ``cost`` fit? Spends nothing."""
-        return self.step(agent, budget, cost, PEEK, now)
+        return self.step(agent, budget, cost, PEEK, now, scope=scope)
 
     async def charge(self, agent: str, budget: Budget | None, cost: float,
-                     now: float | None = None) -> BudgetVerdict:
+                     now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
         """Spend ``cost`` if it fits, in one step; refused: nothing spent."""
-        return self.step(agent, budget, cost, CHARGE, now)
+        return self.step(agent, budget, cost, CHARGE, now, scope=scope)
 
     async def spend(self, agent: str, budget: Budget | None, cost: float,
-                    now: float | None = None) -> BudgetVerdict:
+                    now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
         """Record ``cost`` (negative refunds) whatever is left; verdict.allowed is always True."""
-        return self.step(agent, budget, cost, SPEND, now)
+        return self.step(agent, budget, cost, SPEND, now, scope=scope)
 
     async def remaining(self, agent: str, budget: Budget | None, now: float | None = None) -> float | None:
         """Units left in the current window (for ``state.budget_left``); None without a budget."""

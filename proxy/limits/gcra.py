@@ -281,20 +281,29 @@ class MemoryRateLimiter:
         return len(self._tat)
 
     def decide(self, agent: str, tool: str | None, agent_rate: Rate | None, tool_rate: Rate | None,
-               cost: int = 1, now: float | None = None) -> RateDecision:
-        """Check both keys and commit both or neither. Synchronous: atomic on the event loop."""
+               cost: int = 1, now: float | None = None, *, scope: str | None = None) -> RateDecision:
+        """Check both keys and commit both or neither. Synchronous: atomic on the event loop.
+
+        ``scope`` names a separate set of keys for the same agent and tool (the decision's
+        own limits use "decision"): its cells never count against the unscoped keys."""
         if agent_rate is None and tool_rate is None:
             return UNLIMITED
         now_us = round((self._clock() if now is None else now) * _US)
         tats = self._tat
-        tool_key = (agent, tool)
+        if scope is None:
+            agent_key: object = agent
+            tool_key: object = (agent, tool)
+        else:
+            # Three-tuples: never equal to an agent (a str) or an agent×tool pair.
+            agent_key = (scope, agent, None)
+            tool_key = (scope, agent, tool)
         decision, new_a, new_t = decide_pair(
-            tats.get(agent) if agent_rate is not None else None,
+            tats.get(agent_key) if agent_rate is not None else None,
             tats.get(tool_key) if tool_rate is not None else None,
             now_us, agent_rate, tool_rate, cost)
         size = len(tats)
         if new_a is not None:
-            tats[agent] = new_a
+            tats[agent_key] = new_a
         if new_t is not None:
             tats[tool_key] = new_t
         if len(tats) > size:
@@ -303,9 +312,10 @@ class MemoryRateLimiter:
         return decision
 
     async def acquire(self, agent: str, tool: str | None, agent_rate: Rate | None,
-                      tool_rate: Rate | None, cost: int = 1, now: float | None = None) -> RateDecision:
+                      tool_rate: Rate | None, cost: int = 1, now: float | None = None, *,
+                      scope: str | None = None) -> RateDecision:
         """The store-neutral interface (RedisRateLimiter has the same one)."""
-        return self.decide(agent, tool, agent_rate, tool_rate, cost, now)
+        return self.decide(agent, tool, agent_rate, tool_rate, cost, now, scope=scope)
 
     def _sweep(self, now_us: int, looks: int) -> None:
         # Three looks per new key: the sweep goes round the table faster than it

@@ -5,7 +5,9 @@ writes atomically on the server (on NOSCRIPT, as after a Redis restart, redis-py
 registered script loads the body and runs it again). The rate script holds both
 keys of a call and commits both or neither. Keys carry the agent in a hash tag
 (``regate:rl:{coder-7}``, ``regate:rl:{coder-7}:shell``) so both live in one slot
-on Redis Cluster too.
+on Redis Cluster too. A ``scope`` (the decision's own limits use "decision") is a
+separate set of keys for the same agent: ``regate:rl:decision:{coder-7}``,
+``regate:budget:decision:{coder-7}``.
 
 The client is redis-py's asyncio ``Redis`` (hiredis parser when installed) over
 one ``BlockingConnectionPool`` per process. Its own retries are off: a failed or
@@ -232,10 +234,11 @@ class RedisRateLimiter(_RedisPart):
         self._local = local if local is not None else MemoryRateLimiter()
 
     async def acquire(self, agent: str, tool: str | None, agent_rate: Rate | None,
-                      tool_rate: Rate | None, cost: int = 1, now: float | None = None) -> RateDecision:
+                      tool_rate: Rate | None, cost: int = 1, now: float | None = None, *,
+                      scope: str | None = None) -> RateDecision:
         if agent_rate is None and tool_rate is None:
             return UNLIMITED
-        base = f"{self._prefix}rl:{{{agent}}}"
+        base = f"{self._prefix}rl:{{{agent}}}" if scope is None else f"{self._prefix}rl:{scope}:{{{agent}}}"
         reply = await self._run("rate", self._script, [base, f"{base}:{tool}"], [
             self._now_arg(now), cost,
             agent_rate.interval_us if agent_rate is not None else 0,
@@ -244,7 +247,7 @@ class RedisRateLimiter(_RedisPart):
             tool_rate.tolerance_us if tool_rate is not None else 0,
         ])
         if reply is None:
-            return self._without_store(agent, tool, agent_rate, tool_rate, cost, now)
+            return self._without_store(agent, tool, agent_rate, tool_rate, cost, now, scope)
         reply = [int(x) for x in reply.split()]
         return RateDecision(
             reply[0] == 1,
@@ -253,12 +256,13 @@ class RedisRateLimiter(_RedisPart):
         )
 
     def _without_store(self, agent: str, tool: str | None, agent_rate: Rate | None,
-                       tool_rate: Rate | None, cost: int, now: float | None) -> RateDecision:
+                       tool_rate: Rate | None, cost: int, now: float | None,
+                       scope: str | None = None) -> RateDecision:
         mode = self.health.answered_without_store("rate")
         if mode == "local":
             # NOTE: lossy by design: each process limits on its own from an empty
             # state while Redis is away, so N replicas admit up to N times the limit.
-            d = self._local.decide(agent, tool, agent_rate, tool_rate, cost, now)
+            d = self._local.decide(agent, tool, agent_rate, tool_rate, cost, now, scope=scope)
             return RateDecision(d.allowed, d.agent, d.tool, "local")
         if mode == "allow":
             # NOTE: fail open, as configured: counted in fail_open.
@@ -279,24 +283,25 @@ class RedisBudgets(_RedisPart):
         self._local = local if local is not None else MemoryBudgets(wall_clock)
 
     async def step(self, agent: str, budget: Budget | None, cost: float, mode: str,
-                   now: float | None = None) -> BudgetVerdict:
+                   now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
         if budget is None:
             return NO_BUDGET
-        reply = await self._run("budget", self._script, [f"{self._prefix}budget:{{{agent}}}"], [
+        key = f"{self._prefix}budget:{{{agent}}}" if scope is None else f"{self._prefix}budget:{scope}:{{{agent}}}"
+        reply = await self._run("budget", self._script, [key], [
             self._now_arg(now), budget.window_s, repr(budget.units), repr(float(cost)), mode,
         ])
         if reply is None:
-            return self._without_store(agent, budget, cost, mode, now)
+            return self._without_store(agent, budget, cost, mode, now, scope)
         remaining = budget.units - float(reply[1])
         return BudgetVerdict(reply[0] == 1, remaining if remaining > 0 else 0.0, reply[2] / _US, budget)
 
     def _without_store(self, agent: str, budget: Budget, cost: float, mode: str,
-                       now: float | None) -> BudgetVerdict:
+                       now: float | None, scope: str | None = None) -> BudgetVerdict:
         how = self.health.answered_without_store("budget")
         if how == "local":
             # NOTE: lossy by design: the in-process budget does not know what was
             # spent through Redis this window, so the agent starts it afresh here.
-            v = self._local.step(agent, budget, cost, mode, now)
+            v = self._local.step(agent, budget, cost, mode, now, scope=scope)
             return BudgetVerdict(v.allowed, v.remaining, v.reset_s, budget, "local")
         if how == "allow":
             # NOTE: fail open, as configured: counted in fail_open.
@@ -304,16 +309,16 @@ class RedisBudgets(_RedisPart):
         return BudgetVerdict(mode == SPEND, None, None, budget, "deny")
 
     async def check(self, agent: str, budget: Budget | None, cost: float,
-                    now: float | None = None) -> BudgetVerdict:
-        return await self.step(agent, budget, cost, PEEK, now)
+                    now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, PEEK, now, scope=scope)
 
     async def charge(self, agent: str, budget: Budget | None, cost: float,
-                     now: float | None = None) -> BudgetVerdict:
-        return await self.step(agent, budget, cost, CHARGE, now)
+                     now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, CHARGE, now, scope=scope)
 
     async def spend(self, agent: str, budget: Budget | None, cost: float,
-                    now: float | None = None) -> BudgetVerdict:
-        return await self.step(agent, budget, cost, SPEND, now)
+                    now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:
+        return await self.step(agent, budget, cost, SPEND, now, scope=scope)
 
     async def remaining(self, agent: str, budget: Budget | None, now: float | None = None) -> float | None:
         return (await self.step(agent, budget, 0, PEEK, now)).remaining

@@ -3,14 +3,19 @@
 ``compile_limits`` turns the limits document (``policies/limits.yaml``, the same
 data the Rego sees) into a ``LimitsTable``; every error names the field, such as
 ``limits.agents.coder-7.tools.shell.rate``. ``resolve_limits`` is the pure,
-per-call step: (table, agent, tool, the decision's ``limits``) → ``EffectiveLimits``.
+per-call step: (table, agent, tool) → ``EffectiveLimits``.
 
-Precedence, most specific first. Agent key: decision ``agent`` > ``agents.<a>.agent``
-> ``defaults.agent``. Agent×tool key: decision ``tool`` > ``agents.<a>.tools.<t>``
-> ``tools.<t>`` > ``defaults.tool``. Budget: decision ``budget`` > ``agents.<a>.budget``
-> ``defaults.budget``. A spec replaces the one below it whole (a rate and its
-burst come from the same place); ``null`` or ``unlimited`` means no limit;
+Precedence, most specific first. Agent key: ``agents.<a>.agent`` > ``defaults.agent``.
+Agent×tool key: ``agents.<a>.tools.<t>`` > ``tools.<t>`` > ``defaults.tool``. Budget:
+``agents.<a>.budget`` > ``defaults.budget``. A spec replaces the one below it whole (a
+rate and its burst come from the same place); ``null`` or ``unlimited`` means no limit;
 an absent key means "inherit".
+
+The decision's ``limits`` (same spellings) arrive after these limits were checked, so
+the pipeline applies them as *additional* limits on keys of their own
+(``decision_limits``; the ratelimit stage's ``enforce_decision``): a decision can
+tighten one call's limits, never lift the data's. ``resolve_limits(..., override)``
+still answers "these limits with the decision's in place of the data's", a pure view.
 """
 
 from __future__ import annotations
@@ -186,6 +191,20 @@ def parse_override(override: Mapping, where: str = "decision.limits") -> tuple[A
         parse_rate_spec(o["tool"], _where(where, "tool")) if "tool" in o else _UNSET,
         parse_budget_spec(o["budget"], _where(where, "budget")) if "budget" in o else _UNSET,
     )
+
+
+def decision_limits(override: Mapping, where: str = "decision.limits"
+                    ) -> tuple[Rate | None, Rate | None, Budget | None] | None:
+    """The decision's ``limits`` as limits to check *in addition* to the data's, or None.
+
+    This is what the pipeline applies (engines/decision.py compiles it once per decision;
+    the ratelimit stage checks it after the policy): each given spec is one more limit on
+    keys of its own; ``null``, ``unlimited`` and absent add nothing. ``resolve_limits``
+    below is the pure precedence view ("what would this agent's limits be"), kept for tools
+    and tests; a decision cannot lift a data limit that has already been checked.
+    """
+    parts = tuple(None if p is _UNSET else p for p in parse_override(override, where))
+    return None if parts == (None, None, None) else parts  # type: ignore[return-value]
 
 
 def _route_of(tool: str | None, tools: Mapping) -> str | None:

@@ -25,6 +25,13 @@ class GpuAdmission:
         # Set at startup, once the view (NVML or static) is open.
         self.controller: AdmissionController | None = None
 
+    def policy_state(self) -> dict[str, Any] | None:
+        """``state.gpu`` of the policy input (None until the view is open): the controller's
+        cached summary of the sampled readings, reservations and queue. No NVML call, and
+        no new object per call unless something changed since the last one."""
+        controller = self.controller
+        return None if controller is None else controller.policy_state()
+
     async def enter(self, call: Call) -> Rejection | None:
         tool = call.tool
         demand = tool.gpu.memory_mb

@@ -6,6 +6,13 @@ that errs, times out or answers oddly means Regate cannot decide, and the call
 is refused with `policy_error` — unless the tool says `fail_open: true`, which
 is logged and counted every time. In shadow mode a deny is counted and audited
 but the call goes on, so operators can watch a new policy before enforcing it.
+
+`state` holds what earlier stages learnt (breaker, recent failures, budget left)
+and, when GPU admission is configured, `state.gpu`: the admission controller's
+summary of the sampled GPU view, taken as the policy stage begins (the gpu stage
+itself runs after the policy). The decision's `limits` are handed to the
+ratelimit stage's `enforce_decision` right after the decision: the GCRA and the
+stores live there, not here.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class PolicyStage:
         self.hidden_headers = CREDENTIAL_HEADERS | {cfg.auth.header.lower()}
         # Set by the app when an approval stage follows this one.
         self.approvals_enabled = False
+        # Set by the app: the gpu stage (state.gpu comes from its controller) and the
+        # ratelimit stage (which enforces the decision's `limits`); None when not configured.
+        self.gpu: Any = None
+        self.limits: Any = None
 
     def input_document(self, call: Call) -> dict[str, Any]:
         request = call.request
@@ -103,6 +114,16 @@ class PolicyStage:
         engine = self.engine
         call.revision = engine.revision
         call.response_headers["X-Regate-Policy-Revision"] = engine.revision
+        if self.gpu is not None:
+            gpu = self.gpu.policy_state()
+            if gpu is not None:
+                # Kept on the call (not rebuilt by input_document), so `regate explain`
+                # later sees the GPU state this decision saw. A cached dict the controller
+                # replaces, never mutates: sharing it between calls is safe.
+                state = call.extra.get("state")
+                if state is None:
+                    state = call.extra["state"] = {}
+                state["gpu"] = gpu
         try:
             decision = await engine.evaluate(self.input_document(call))
         except EngineError as exc:
@@ -114,8 +135,8 @@ class PolicyStage:
             return self._cannot_decide(call, "engine_error", f"{exc.__class__.__name__}: {exc}")
         call.decision = decision
 
+        mode = call.tool.policy_mode or self.mode
         if not decision.allow:
-            mode = call.tool.policy_mode or self.mode
             if mode == "shadow":
                 call.shadow_denied = True
                 for reason in decision.reasons or ["(no reason given)"]:
@@ -137,6 +158,17 @@ class PolicyStage:
             call.timeout_ms = decision.timeout_ms
         if decision.cost is not None:
             call.cost = decision.cost
+        if decision.limit_checks is not None and self.limits is not None:
+            # NOTE: with limits switched off (limits.enabled: false) there is no limiter,
+            # and a decision's limits are not enforced either.
+            rejection = await self.limits.enforce_decision(call, decision.limit_checks)
+            if rejection is not None:
+                if mode != "shadow":
+                    return rejection
+                # Shadow: the policy is being watched, not enforced; count what its
+                # limits would have refused (a fixed reason: the label stays bounded).
+                call.shadow_denied = True
+                self.metrics.would_deny.labels(call.tool.name, f"decision limits: {rejection.code}").inc()
         return None
 
     def leave(self, call: Call) -> None:

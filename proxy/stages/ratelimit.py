@@ -6,6 +6,12 @@ and a cost budget per agent, with limits from the bundle's `limits` data file
 (`policies/limits.yaml`). The call's known cost (the route's `cost`) is charged
 up front; when the call ends the charge is corrected to the decision's `cost`,
 the upstream's `X-Regate-Cost` header, or refunded if the call never ran.
+
+The decision's `limits` come after the policy, when the data's limits have been
+checked and spent, so they cannot replace them: the policy stage hands them to
+`enforce_decision`, which checks them as *additional* limits on keys of their own
+(scope "decision"), through the same stores and GCRA as the data's. A decision
+can tighten a call's limits (one more key it must pass), never loosen them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from ..pipeline import Call, Rejection
 log = logging.getLogger("regate.limits")
 
 LIMITS_FILES = ("limits.yaml", "limits.yml", "limits.json")
+
+# The keys of the decision's own limits (agent, agent×tool, budget), apart from the data's.
+DECISION_SCOPE = "decision"
+# Their names in RateLimit-Policy / RateLimit.
+DECISION_NAMES = ("decision-agent", "decision-tool", "decision-budget")
 
 
 def load_limits_table(data_dir: Path) -> LimitsTable:
@@ -54,11 +65,9 @@ class RateLimit:
         limits = resolve_limits(self.table, agent, key)
         decision = await self.stores.rate.acquire(agent, key, limits.agent, limits.tool)
         if decision.store_error is not None:
-            self.metrics.limit_store_fallback.labels("rate", decision.store_error).inc()
-            if decision.store_error == "deny":
-                return Rejection(503, "limits_unavailable",
-                                 "the shared rate-limit store is unreachable and this Regate fails closed",
-                                 retry_after=1)
+            rej = self._store_error("rate", decision.store_error)
+            if rej is not None:
+                return rej
         headers = decision.headers()
         if not decision.allowed:
             rej = Rejection(429, "rate_limited", _rate_message(decision, key))
@@ -74,11 +83,9 @@ class RateLimit:
             cost = tool.cost
             verdict = await self.stores.budgets.charge(agent, budget, cost)
             if verdict.store_error is not None:
-                self.metrics.limit_store_fallback.labels("budget", verdict.store_error).inc()
-                if verdict.store_error == "deny":
-                    return Rejection(503, "limits_unavailable",
-                                     "the shared budget store is unreachable and this Regate fails closed",
-                                     retry_after=1)
+                rej = self._store_error("budget", verdict.store_error)
+                if rej is not None:
+                    return rej
             item = verdict.limit_item("budget")
             if not verdict.allowed:
                 rej = Rejection(
@@ -96,10 +103,84 @@ class RateLimit:
             call.response_headers[name] = value
         return None
 
+    async def enforce_decision(self, call: Call, checks: tuple[Any, Any, Any]) -> Rejection | None:
+        """The decision's ``limits`` for this call (``Decision.limit_checks``: agent Rate,
+        agent×tool Rate, Budget, each None for none), called by the policy stage right
+        after the decision.
+
+        Each is one more limit the call must pass, on keys of its own (scope "decision"),
+        so a call counts once against the data's keys and once against the decision's,
+        and calls whose decision sets no limits never touch the decision's keys. The
+        decision's agent key counts this agent's calls that carried a decision ``agent``
+        limit; its tool key, those to this tool that carried a ``tool`` limit; its budget
+        is an account of its own, charged this call's cost (the decision's ``cost``, else
+        the route's) and corrected when the call ends like the data's budget.
+
+        Refused: 429 ``rate_limited`` / ``budget_exhausted`` with Retry-After, as the data's
+        limits answer; the RateLimit headers then carry both the data's items and the
+        decision's (``decision-agent``, ``decision-tool``, ``decision-budget``).
+        """
+        agent_rate, tool_rate, budget = checks
+        agent = call.agent
+        key = call.tool_key
+        if key is None:
+            tool_rate = None
+        headers = call.response_headers
+        if agent_rate is not None or tool_rate is not None:
+            decision = await self.stores.rate.acquire(agent, key, agent_rate, tool_rate, scope=DECISION_SCOPE)
+            if decision.store_error is not None:
+                rej = self._store_error("rate", decision.store_error)
+                if rej is not None:
+                    return rej
+            _append_items(headers, decision.headers(DECISION_NAMES[0], DECISION_NAMES[1]))
+            if not decision.allowed:
+                rej = Rejection(429, "rate_limited", _rate_message(decision, key, by_policy=True))
+                retry = decision.retry_after_header()
+                if retry is not None:
+                    rej.headers = {"Retry-After": retry}
+                self.metrics.rate_limited.labels("rate", agent).inc()
+                return rej
+        if budget is not None:
+            cost = call.cost if call.cost is not None else call.tool.cost
+            verdict = await self.stores.budgets.charge(agent, budget, cost, scope=DECISION_SCOPE)
+            if verdict.store_error is not None:
+                rej = self._store_error("budget", verdict.store_error)
+                if rej is not None:
+                    return rej
+            item = verdict.limit_item(DECISION_NAMES[2])
+            if item is not None:
+                _append_items(headers, [("RateLimit-Policy", budget.policy_item(DECISION_NAMES[2])),
+                                        ("RateLimit", item)])
+            if not verdict.allowed:
+                self.metrics.rate_limited.labels("budget", agent).inc()
+                return Rejection(
+                    429, "budget_exhausted",
+                    f"the policy gives this call a budget of {budget.units:g} units per {budget.window_s} s; "
+                    f"{verdict.remaining:g} are left in this window and this call costs {cost:g}; "
+                    f"the budget is restored in {verdict.retry_after_header()} s", retry_after=verdict.reset_s)
+            call.extra["charged_decision"] = (budget, cost)
+        return None
+
+    def _store_error(self, part: str, mode: str) -> Rejection | None:
+        """Count an answer the shared store did not give; the 503 when it fails closed."""
+        self.metrics.limit_store_fallback.labels(part, mode).inc()
+        if mode == "deny":
+            what = "rate-limit" if part == "rate" else "budget"
+            return Rejection(503, "limits_unavailable",
+                             f"the shared {what} store is unreachable and this Regate fails closed",
+                             retry_after=1)
+        return None
+
     def leave(self, call: Call) -> None:
-        charged = call.extra.get("charged")
-        if charged is None:
-            return
+        extra = call.extra
+        charged = extra.get("charged")
+        if charged is not None:
+            self._correct(call, charged, None)
+        charged = extra.get("charged_decision")
+        if charged is not None:
+            self._correct(call, charged, DECISION_SCOPE)
+
+    def _correct(self, call: Call, charged: tuple, scope: str | None) -> None:
         budget, paid = charged
         if not call.forwarded or call.upstream_status is None:
             actual = 0.0  # the call never ran: refund what it was charged
@@ -107,20 +188,27 @@ class RateLimit:
             actual = call.extra.get("upstream_cost", call.cost if call.cost is not None else paid)
         delta = actual - paid
         if delta:
-            task = asyncio.ensure_future(self.stores.budgets.spend(call.agent, budget, delta))
+            task = asyncio.ensure_future(self.stores.budgets.spend(call.agent, budget, delta, scope=scope))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
 
-def _rate_message(decision: Any, tool: str) -> str:
+def _rate_message(decision: Any, tool: str, *, by_policy: bool = False) -> str:
     which = []
+    whose = "the policy's limit on " if by_policy else ""
     if decision.agent is not None and not decision.agent.allowed:
-        which.append("this agent's overall rate")
+        which.append(f"{whose}this agent's overall rate")
     if decision.tool is not None and not decision.tool.allowed:
-        which.append(f"this agent's rate for tool {tool!r}")
+        which.append(f"{whose}this agent's rate for tool {tool!r}")
     retry = decision.retry_after_header()
     when = f"retry in {retry} s" if retry else "this call costs more than the burst allows and can never pass"
     return f"rate limit exceeded ({' and '.join(which) or 'rate'}); {when}"
+
+
+def _append_items(headers: dict[str, str], items: Any) -> None:
+    """Add RateLimit-Policy / RateLimit members to the ones a call already carries."""
+    for name, value in items:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
 
 
 def _with_budget(headers: Any, policy_item: str, limit_item: str | None) -> dict[str, str]:
