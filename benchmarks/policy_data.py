@@ -75,5 +75,6 @@ def load_data(data_dir: Path) -> dict:
 
 
 def rego_modules(rego_dir: Path) -> dict[str, str]:
-    """The policy modules, without their *_test.rego tests."""
-    return {p.name: p.read_text() for p in sorted(rego_dir.glob("*.rego")) if not p.name.endswith("_test.rego")}
+    """The policy modules (subdirectories included, as Regate loads them), without their *_test.rego tests."""
+    return {str(p.relative_to(rego_dir)): p.read_text() for p in sorted(rego_dir.rglob("*.rego"))
+            if not p.name.endswith("_test.rego")}
