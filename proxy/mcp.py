@@ -52,8 +52,16 @@ JSONRPC_CODES: dict[str, int] = {
     "body_too_large": -32013,
     "mcp_session_unknown": -32014,
     "audit_unavailable": -32015,
+    # Not -32004 (rate_limited): waiting for this agent's own calls to end, not for time to pass.
+    "too_many_concurrent": -32016,
+    "unauthenticated": -32017,
 }
 _PREFIX_CODES = (("approval", -32003), ("gpu_", -32010))
+# Refusals of the HTTP request around the message (its body, headers, path, method),
+# before any message was read: invalid requests, one number for all of them, as
+# approval_* and gpu_* share one.
+_HTTP_REFUSALS = frozenset({"bad_body", "bad_header", "bad_path", "body_timeout", "unsupported_content_encoding",
+                            "method_not_allowed", "unknown_tool"})
 
 # Spec'd HTTP status per rejection on an MCP route, where it is not the rejection's own.
 _SESSION_STATUS = 404  # Streamable HTTP: an unknown session id is answered 404 (the client starts anew)
@@ -67,6 +75,8 @@ def jsonrpc_code(code: str) -> int:
     found = JSONRPC_CODES.get(code)
     if found is not None:
         return found
+    if code in _HTTP_REFUSALS:
+        return INVALID_REQUEST
     for prefix, number in _PREFIX_CODES:
         if code.startswith(prefix):
             return number

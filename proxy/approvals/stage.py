@@ -23,6 +23,7 @@ from aiohttp import web
 
 from ..audit import AuditUnavailable
 from ..pipeline import Call, Rejection, rejection_response
+from ..stages.body import read_whole
 from .approval import admin_view, agent_view, audit_record, new_record, target_hash, valid_id
 from .store import ApprovalStore, ApprovalStoreError, ApprovalStoreFull, Binding
 
@@ -80,6 +81,9 @@ class ApprovalStage:
         self.clock = clock
         self.poll_s = poll_s
         self.reread_s = reread_s
+        # A body read here has the deadline of one the policy reads (http.body_timeout_s).
+        cfg = getattr(regate, "cfg", None)
+        self.body_timeout_s: float = cfg.http.body_timeout_s if cfg is not None else 30.0
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._closing = False
@@ -369,19 +373,13 @@ class ApprovalStage:
             return None
         request = call.request
         if call.body is None and request.body_exists:
-            limit = call.tool.max_body_bytes
-            chunks = []
-            size = 0
-            while True:
-                chunk = await request.content.readany()
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    return Rejection(413, "body_too_large", f"request body exceeds this tool's limit of {limit} bytes")
-                chunks.append(chunk)
-            call.body = b"".join(chunks)
-            call.body_size = size
+            # As read_body reads a body: whole within http.body_timeout_s (a client that
+            # trickles it cannot hold the call, nor its place in max_concurrent_per_agent).
+            body = await read_whole(request, call.tool.max_body_bytes, self.body_timeout_s)
+            if body.__class__ is Rejection:
+                return body  # type: ignore[return-value]
+            call.body = body
+            call.body_size = len(body)
         call.body_sha256 = hashlib.sha256(call.body or b"").hexdigest()
         return None
 

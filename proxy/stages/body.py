@@ -116,6 +116,25 @@ async def _read(stream: Any, limit: int) -> bytes | None:
         chunks.append(chunk)
 
 
+async def read_whole(request: Any, limit: int, timeout_s: float) -> bytes | Rejection:
+    """The whole request body, read within `timeout_s` (http.body_timeout_s) and at
+    most `limit` bytes, or the refusal saying which bound it broke. Every stage that
+    buffers a body reads it here, so a client trickling one cannot hold a call."""
+    stream = request.content
+    try:
+        if stream.is_eof():  # it all came with the head (the usual small call): no wait, no timer
+            body = await _read(stream, limit)
+        else:
+            async with asyncio.timeout(timeout_s):
+                body = await _read(stream, limit)
+    except TimeoutError:
+        return Rejection(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                         "(http.body_timeout_s)")
+    except (RequestPayloadError, ConnectionError) as exc:
+        return Rejection(400, "bad_body", f"the request body is badly framed or was cut off ({exc.__class__.__name__})")
+    return _too_large(limit) if body is None else body
+
+
 class ReadBody:
     name = "read_body"
 
@@ -147,21 +166,9 @@ class ReadBody:
             return Rejection(415, "unsupported_content_encoding", "policy reads this body, so it must be sent "
                              f"uncompressed (Content-Encoding: {encoding[:40]})")
 
-        stream = request.content
-        try:
-            if stream.is_eof():  # it all came with the head (the usual small call): no wait, no timer
-                body = await _read(stream, limit)
-            else:
-                async with asyncio.timeout(self.timeout_s):
-                    body = await _read(stream, limit)
-        except TimeoutError:
-            return Rejection(408, "body_timeout", f"the request body did not arrive within {self.timeout_s:g} s "
-                             "(http.body_timeout_s)")
-        except (RequestPayloadError, ConnectionError) as exc:
-            return Rejection(400, "bad_body",
-                             f"the request body is badly framed or was cut off ({exc.__class__.__name__})")
-        if body is None:
-            return _too_large(limit)
+        body = await read_whole(request, limit, self.timeout_s)
+        if body.__class__ is Rejection:
+            return body  # type: ignore[return-value]
         call.body = body
         call.body_size = len(body)
         call.body_sha256 = hashlib.sha256(body).hexdigest()

@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import logging
 import zlib
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 import aiohttp
 import orjson
@@ -51,6 +51,7 @@ from ..mcp import (
 )
 from ..pipeline import Call, Handoff, Rejection, UpstreamError
 from ..upstream import SMALL_RESPONSE
+from .body import read_whole
 
 log = logging.getLogger("regate.mcp")
 
@@ -59,6 +60,9 @@ Transform = Callable[[Any], Awaitable[Any]]
 
 # Upstream headers that describe a body Regate rewrites; never copied onto a merged answer.
 _BODY_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Transfer-Encoding")
+# A compressed answer is inflated at most this many bytes at a time: a few KB of
+# gzip can inflate to gigabytes (a bomb), and no step may hold more than this.
+_INFLATE_STEP = 64 * 1024
 
 
 class _Route:
@@ -79,8 +83,9 @@ def _invalid(msg: Message) -> Rejection:
 class McpStage:
     name = "mcp"
 
-    def __init__(self, tools: list[Tool], policy: Any = None) -> None:
+    def __init__(self, tools: list[Tool], policy: Any = None, body_timeout_s: float = 30.0) -> None:
         self.routes = {t.name: _Route(t) for t in tools if t.protocol == "mcp"}
+        self.body_timeout_s = body_timeout_s  # http.body_timeout_s, for a body read_body left unread
         # The policy stage (input_document, engine, metrics), for tools/list filtering; None: policy off.
         self.policy = policy
         self.hidden_tools = 0  # tools removed from tools/list answers, all routes
@@ -88,7 +93,9 @@ class McpStage:
     @classmethod
     def for_config(cls, cfg: Any, policy: Any = None) -> list["McpStage"]:
         """[the stage] when some route speaks MCP, else []: HTTP-only configs pay nothing."""
-        return [cls(cfg.tools, policy)] if any(t.protocol == "mcp" for t in cfg.tools) else []
+        if not any(t.protocol == "mcp" for t in cfg.tools):
+            return []
+        return [cls(cfg.tools, policy, cfg.http.body_timeout_s)]
 
     # -- the request ---------------------------------------------------------
 
@@ -106,7 +113,7 @@ class McpStage:
             return rejection
 
         if call.body is None and request.body_exists:
-            rejection = await _read_body(call)  # read_body left it unread (policy off)
+            rejection = await _read_body(call, self.body_timeout_s)  # read_body left it unread (policy off)
             if rejection is not None:
                 return rejection
         body = call.body_json
@@ -307,29 +314,35 @@ class McpStage:
     async def _relay_json(self, call: Call, resp: aiohttp.ClientResponse, headers: CIMultiDict, deadline: float,
                           decoder: Any, limit: int, transform: Transform) -> web.StreamResponse:
         chunks: list[bytes] = []
-        size = 0
+        size = 0  # bytes held: inflated ones when the answer is compressed
+        read = 0  # bytes read, as sent
+        pieces: Iterator[bytes] = iter(())
         content = resp.content
         try:
-            while size <= limit:
+            while size <= limit and read <= limit:
                 async with asyncio.timeout(deadline):
                     chunk = await content.readany()
                 if not chunk:
                     break
-                if decoder is not None:
-                    chunk = decoder.decompress(chunk)
-                chunks.append(chunk)
-                size += len(chunk)
+                read += len(chunk)
+                pieces = _pieces(decoder, chunk)
+                for piece in pieces:
+                    chunks.append(piece)
+                    size += len(piece)
+                    if size > limit:
+                        break  # the rest of this chunk streams on below
         except (TimeoutError, aiohttp.ClientError, zlib.error) as exc:
             raise UpstreamError(Rejection(
                 502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
         body = b"".join(chunks)
-        if size > limit:
-            # NOTE: lossy: an answer past max_message_bytes is not buffered to be
-            # filtered; it streams on as it is.
+        if size > limit or read > limit:
+            # NOTE: lossy: an answer past max_message_bytes (inflated, when compressed)
+            # is not buffered to be filtered; it streams on as it is.
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
             await out.prepare(call.request)
-            await out.write(body)
-            return await _pipe(call, resp, out, deadline, decoder)
+            if not await _send(call, out, body, deadline):
+                return out
+            return await _pipe(call, resp, out, deadline, decoder, pieces)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -357,30 +370,44 @@ class McpStage:
         content = resp.content
         while True:
             try:
-                chunk = await _read_chunk(content, deadline, decoder)
-            except (TimeoutError, aiohttp.ClientError, zlib.error):
+                async with asyncio.timeout(deadline):
+                    chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError):
                 return _broken(call, out)
             if not chunk:
                 break
-            for event in reader.feed(chunk):
-                new = None
-                if event.data is not None:
-                    try:
-                        obj = orjson.loads(event.data)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if obj is not None:
-                        new = await transform(obj)
-                await out.write(event.raw if new is None else event.with_data(orjson.dumps(new)))
-            if reader.pending > limit:
-                # NOTE: lossy: one event past max_message_bytes is not buffered to be
-                # filtered; the rest of the stream passes as it is.
-                await out.write(reader.take_pending())
-                return await _pipe(call, resp, out, deadline, decoder)
+            pieces = _pieces(decoder, chunk)
+            while True:
+                try:
+                    piece = next(pieces, None)
+                except zlib.error:
+                    return _broken(call, out)
+                if piece is None:
+                    break
+                for event in reader.feed(piece):
+                    new = None
+                    if event.data is not None:
+                        try:
+                            obj = orjson.loads(event.data)
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if obj is not None:
+                            new = await transform(obj)
+                    if not await _send(call, out, event.raw if new is None else event.with_data(orjson.dumps(new)),
+                                       deadline):
+                        return out
+                if reader.pending > limit:
+                    # NOTE: lossy: one event past max_message_bytes is not buffered to be
+                    # filtered; the rest of the stream passes as it is.
+                    if not await _send(call, out, reader.take_pending(), deadline):
+                        return out
+                    return await _pipe(call, resp, out, deadline, decoder, pieces)
         for event in reader.feed(b"", final=True):
-            await out.write(event.raw)
-        if reader.pending:
-            await out.write(reader.take_pending())  # an event the stream never finished
+            if not await _send(call, out, event.raw, deadline):
+                return out
+        # An event the stream never finished is sent as it is.
+        if reader.pending and not await _send(call, out, reader.take_pending(), deadline):
+            return out
         await out.write_eof()
         return out
 
@@ -397,7 +424,8 @@ class McpStage:
         decoder = _decoder(resp.headers.get("Content-Encoding", ""))
         limit = route.opts.max_message_bytes
         chunks: list[bytes] = []
-        size = 0
+        size = 0  # bytes held: inflated ones when the answer is compressed
+        read = 0  # bytes read, as sent
         content = resp.content
         try:
             while True:
@@ -405,13 +433,14 @@ class McpStage:
                     chunk = await content.readany()
                 if not chunk:
                     break
-                size += len(chunk)
-                if size > limit or decoder is False:
-                    raise UpstreamError(Rejection(
-                        502, "upstream_error",
-                        f"tool {call.tool.name!r} answered the batch with more than {limit} bytes "
-                        "or in an encoding Regate cannot read"))
-                chunks.append(decoder.decompress(chunk) if decoder is not None else chunk)
+                read += len(chunk)
+                if read > limit or decoder is False:
+                    raise _batch_too_large(call, limit)
+                for piece in _pieces(decoder, chunk):
+                    size += len(piece)
+                    if size > limit:
+                        raise _batch_too_large(call, limit)  # inflated past the limit: a bomb is cut here
+                    chunks.append(piece)
         except (TimeoutError, aiohttp.ClientError, zlib.error) as exc:
             raise UpstreamError(Rejection(
                 502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
@@ -590,6 +619,31 @@ def _decoder(encoding: str) -> Any:
     return False
 
 
+def _pieces(decoder: Any, chunk: bytes) -> Iterator[bytes]:
+    """`chunk` as Regate reads it: as sent (identity), or inflated at most
+    _INFLATE_STEP bytes at a time, so that what a caller holds is bounded by
+    what it counts (raises zlib.error on a corrupt stream)."""
+    if decoder is None:
+        return iter((chunk,))
+    return _inflate(decoder, chunk)
+
+
+def _inflate(decoder: Any, data: bytes) -> Iterator[bytes]:
+    while True:
+        piece = decoder.decompress(data, _INFLATE_STEP)
+        data = decoder.unconsumed_tail
+        if not piece:
+            return  # all input consumed and nothing left to give (or the stream ended)
+        yield piece
+
+
+def _batch_too_large(call: Call, limit: int) -> UpstreamError:
+    return UpstreamError(Rejection(
+        502, "upstream_error",
+        f"tool {call.tool.name!r} answered the batch with more than {limit} bytes (mcp.max_message_bytes, "
+        "inflated when compressed) or in an encoding Regate cannot read"))
+
+
 def _broken(call: Call, out: web.StreamResponse) -> web.StreamResponse:
     # Past the status line a broken upstream can only be signalled by cutting the connection.
     call.extra["upstream_broken"] = True
@@ -598,47 +652,58 @@ def _broken(call: Call, out: web.StreamResponse) -> web.StreamResponse:
     return out
 
 
-async def _read_chunk(content: Any, deadline: float, decoder: Any) -> bytes:
-    """The next chunk of an upstream answer, inflated when it is compressed; b"" at the end."""
-    async with asyncio.timeout(deadline):
-        chunk = await content.readany()
-    if decoder is not None and chunk:
-        chunk = decoder.decompress(chunk)
-    return chunk
+async def _send(call: Call, out: web.StreamResponse, data: bytes, deadline: float) -> bool:
+    """Write to the agent, as the forwarder's relay does: a client that stops reading
+    stalls the write (back-pressure); one stalled past the deadline, or gone, is cut
+    off (False)."""
+    try:
+        async with asyncio.timeout(deadline):
+            await out.write(data)
+        return True
+    except (TimeoutError, ConnectionError):
+        call.extra["client_gone"] = True
+        if call.request.transport is not None:
+            call.request.transport.close()
+        return False
 
 
 async def _pipe(call: Call, resp: aiohttp.ClientResponse, out: web.StreamResponse, deadline: float,
-                decoder: Any) -> web.StreamResponse:
+                decoder: Any, rest: Iterable[bytes] = ()) -> web.StreamResponse:
+    """Send the rest of the answer on (first `rest`: what is left of the chunk being
+    read), inflated piece by piece when it is compressed; each write waits for the
+    agent's socket (`_send`), so memory stays bounded whatever the answer inflates to."""
     content = resp.content
+    pieces = iter(rest)
     while True:
+        while True:
+            try:
+                piece = next(pieces, None)
+            except zlib.error:
+                return _broken(call, out)
+            if piece is None:
+                break
+            if not await _send(call, out, piece, deadline):
+                return out
         try:
-            chunk = await _read_chunk(content, deadline, decoder)
-        except (TimeoutError, aiohttp.ClientError, zlib.error):
+            async with asyncio.timeout(deadline):
+                chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientError):
             return _broken(call, out)
         if not chunk:
             break
-        await out.write(chunk)
+        pieces = _pieces(decoder, chunk)
     await out.write_eof()
     return out
 
 
-async def _read_body(call: Call) -> Rejection | None:
-    """Buffer and parse the body when read_body did not (no stage asked it to)."""
-    limit = call.tool.max_body_bytes
-    chunks = []
-    size = 0
-    stream = call.request.content
-    while True:
-        chunk = await stream.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            return Rejection(413, "body_too_large", f"request body exceeds this tool's limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+async def _read_body(call: Call, timeout_s: float) -> Rejection | None:
+    """Buffer and parse the body when read_body did not (no stage asked it to),
+    with read_body's bounds: the tool's max_body_bytes, http.body_timeout_s."""
+    body = await read_whole(call.request, call.tool.max_body_bytes, timeout_s)
+    if body.__class__ is Rejection:
+        return body  # type: ignore[return-value]
     call.body = body
-    call.body_size = size
+    call.body_size = len(body)
     call.body_sha256 = hashlib.sha256(body).hexdigest()
     if body:
         try:
