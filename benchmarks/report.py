@@ -61,6 +61,7 @@ def finish(results: dict) -> None:
         "opa_rps_vs_full_32": _ratio(rps("regate-opa", 32), rps("regate-full", 32)),
         "redis_rps_vs_full_32": _ratio(rps("regate-full-redis", 32), rps("regate-full", 32)),
         "full_rps_vs_notrace_32": _ratio(rps("regate-full", 32), rps("regate-full-notrace", 32)),
+        "full_rps_vs_again_32": _ratio(rps("regate-full", 32), rps("regate-full-again", 32)),
         "otel_rps_vs_full_32": _ratio(rps("regate-full-otel", 32), rps("regate-full", 32)),
         "w2_rps_vs_full_32": _ratio(rps("regate-full-w2", 32), rps("regate-full", 32)),
         # CPU per request barely moves when other processes share the machine:
@@ -131,6 +132,7 @@ def _ratio_lines(results: dict) -> list[str]:
         f"regate-opa req/s ÷ regate-full req/s (32 conns):    {_f(r['opa_rps_vs_full_32'], '{:.2f}'):>6}",
         f"regate-full-redis req/s ÷ regate-full (32 conns):   {_f(r['redis_rps_vs_full_32'], '{:.2f}'):>6}",
         f"regate-full ÷ regate-full-notrace req/s (32 conns): {_f(r['full_rps_vs_notrace_32'], '{:.2f}'):>6}",
+        f"regate-full ÷ regate-full-again (the noise, A/A):   {_f(r['full_rps_vs_again_32'], '{:.2f}'):>6}",
         f"regate-full-otel req/s ÷ regate-full (32 conns):    {_f(r['otel_rps_vs_full_32'], '{:.2f}'):>6}",
         f"--workers 2 req/s ÷ regate-full req/s (32 conns):   {_f(r['w2_rps_vs_full_32'], '{:.2f}'):>6}",
     ]

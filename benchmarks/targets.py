@@ -250,6 +250,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "(policy.timeout_ms 1000)", _start_opa),
     Target("regate-full-redis", "as regate-full, with rate limits and budgets in a real redis-server "
            "(limits.store: redis)", _start_full_redis),
+    Target("regate-full-again", "regate-full started a second time, as its own control: the ratio of the two "
+           "is what 'within noise' means in this run",
+           lambda ctx: start_regate(ctx, "regate-full-again", "full")),
     Target("regate-full-notrace", "regate-full without the trace ring (observability.traces: 0)",
            lambda ctx: start_regate(ctx, "regate-full-notrace", "notrace")),
     Target("regate-full-otel", "regate-full exporting OTLP spans (tracing.otlp_endpoint) to a sink",

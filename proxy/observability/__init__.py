@@ -79,9 +79,9 @@ class Observability:
                     explain = ex.explain(call)
                 # References only (decision, rejection, extras): JSON is made when asked. Not the
                 # parsed request itself: an entry outlives its call by `traces` calls, and freeing
-                # a cold request (headers, raw bytes) when its slot is reused cost ~5 us a call.
+                # a cold request (headers, raw bytes, URL) when its slot is reused cost ~5 us a call.
                 request = call.request
-                ring.add((call.id, call.started_ns, call.agent, call.tool_key, request.method, request.rel_url,
+                ring.add((call.id, call.started_ns, call.agent, call.tool_key, request.method, request.path,
                           request.headers.get("traceparent") if span is None else None, status,
                           outcome, call.ended_by, call.marks, total_ns, call.upstream_ns, call.upstream_status,
                           revision, call.decision, rejection, call.extra, call.shadow_denied, trace_id, explain))

@@ -25,7 +25,7 @@ from ..audit import SEGMENT_RE
 from .propagation import parse_traceparent
 
 # The stored tuple, field by field.
-(ID, STARTED_NS, AGENT, TOOL, METHOD, URL, PARENT, STATUS, OUTCOME, ENDED_BY, MARKS, TOTAL_NS, UPSTREAM_NS,
+(ID, STARTED_NS, AGENT, TOOL, METHOD, PATH, PARENT, STATUS, OUTCOME, ENDED_BY, MARKS, TOTAL_NS, UPSTREAM_NS,
  UPSTREAM_STATUS, REVISION, DECISION, REJECTION, EXTRA, SHADOW, TRACE_ID, EXPLAIN) = range(21)
 
 DECISION_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
@@ -100,7 +100,7 @@ def summary(entry: tuple) -> dict[str, Any]:
         "agent": entry[AGENT],
         "tool": entry[TOOL],
         "method": entry[METHOD],
-        "path": entry[URL].path,
+        "path": entry[PATH],
         "status": entry[STATUS],
         "outcome": entry[OUTCOME],
         "stage": entry[ENDED_BY],
