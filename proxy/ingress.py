@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from .pipeline import new_decision_id
 
@@ -114,11 +114,19 @@ class IngressHandler(RequestHandler):
             # The first bytes of a new request head: its deadline starts now.
             self._head_timer = self._loop.call_later(server.header_timeout, self._head_timed_out)
         before = self._request_count
+        in_flight = self._last_payload
         super().data_received(data)
         if self._request_count != before:
             self._cancel_head_timer()
             messages = self._messages
             self._last_payload = messages[-1][1] if messages else None
+            if in_flight is not None and not in_flight.is_eof() and messages \
+                    and messages[-1][0].__class__ is _ErrInfo:
+                # The parser gave up inside this request's body (a chunk size that is not
+                # hex, say). aiohttp queues the error as if it were a next request and
+                # leaves this body's reader waiting; end the body now, so the call answers
+                # 400 bad_body at once rather than when a body timeout fires.
+                in_flight.set_exception(RequestPayloadError(f"malformed request body: {messages[-1][0].message}"))
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -197,3 +197,29 @@ def test_per_agent_concurrency_cap_is_429_for_that_agent_only(judge, hostile):
         t.join()
     assert slow == [200] * cap
     assert exchange(hostile.port, request("GET", "/tools/search/again")).first.status == 200
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+def test_a_body_whose_chunked_framing_breaks_midway_is_400_at_once(hostile, content_type):
+    # The head and a first chunk arrive, the call starts reading its body (for the policy,
+    # or streaming it to the tool); then a chunk size that is not hex. aiohttp's parser gives
+    # up, but left alone the body's reader would wait for the body timeout.
+    head = request("POST", "/tools/search/q", content_type=content_type,
+                   headers=[("Transfer-Encoding", "chunked")])
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as s:
+        s.sendall(head + b"5\r\n{\"q\":\r\n")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        s.sendall(b"ZZ\r\nxx\r\n0\r\n\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        took = time.monotonic() - t0
+    resp, rest = _parse_one(got, True)
+    assert resp is not None, got
+    assert_error(resp, 400, "bad_body")
+    assert rest == b"", rest  # one answer for one request, and the connection is closed
+    assert took < HTTP["body_timeout_s"] / 2, took
