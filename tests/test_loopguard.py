@@ -245,14 +245,57 @@ def test_an_echo_says_how_many_times_the_call_really_failed():
         assert r is not None and "has failed 2 times" in r.message and "no such table" in r.message
 
 
-def test_the_echoes_of_a_hammering_agent_stay_within_history():
+def test_hammering_one_call_never_pushes_out_the_failures_of_another():
     v = drift(200, seed=3)
     g = LoopGuard(LoopGuardConfig(repeats=2, history=8))
-    for t, q in ((0.0, v[0]), (0.5, v[1])):
+    other = {"path": "/etc/passwd"}
+    for t in (0.0, 0.1):
+        g.record("a", "search", "POST", "/other", other, t, Outcome.CLIENT_ERROR, 403, "denied")
+    for t, q in ((0.2, v[0]), (0.5, v[1])):
         g.record("a", "search", "POST", "/run", {"q": q}, t, Outcome.CLIENT_ERROR, 400, "bad")
     for i, q in enumerate(v[2:]):
-        g.check("a", "search", "POST", "/run", {"q": q}, 1.0 + i * 0.01)
-    assert len(g._pairs[("a", "search")].failures) <= 8
+        assert g.check("a", "search", "POST", "/run", {"q": q}, 1.0 + i * 0.01) is not None
+    h = g._pairs[("a", "search")]
+    assert len(h.failures) == 4 and len(h.echoes) <= 8  # memory stays bounded
+    # The other call's failures are all still there: still refused, still counted.
+    assert g.check("a", "search", "POST", "/other", other, 3.0) is not None
+    assert g.recent_failures("a", "search", 3.0) == 4
+
+
+def test_a_success_that_wipes_the_failures_takes_their_echoes_with_it():
+    v = drift(6, seed=5)
+    g = LoopGuard(LoopGuardConfig(repeats=2))
+    for t, q in ((0.0, v[0]), (1.0, v[1])):
+        g.record("a", "search", "POST", "/run", {"q": q}, t, Outcome.CLIENT_ERROR, 400, "bad")
+    for t, q in enumerate(v[2:5], start=2):
+        assert g.check("a", "search", "POST", "/run", {"q": q}, float(t)) is not None
+    # The tool was fixed: the same call now succeeds (sent through another guard, say).
+    g.record("a", "search", "POST", "/run", {"q": v[1]}, 5.0, Outcome.SUCCESS, 200)
+    assert g.check("a", "search", "POST", "/run", {"q": v[5]}, 6.0) is None
+
+
+def test_retry_after_is_when_the_refused_call_passes_again():
+    """Failures of drifting calls at random times, the agent jumping back to earlier
+    variants, refusals in between: every refusal's Retry-After is exactly when that
+    same call would next pass (nothing new failing meanwhile)."""
+    import copy
+
+    for seed in range(100):
+        rng = random.Random(seed)
+        v = drift(40, seed=seed)
+        g = LoopGuard(LoopGuardConfig(repeats=rng.choice((2, 3)), window_s=10.0))
+        t = 0.0
+        for i in range(60):
+            body = {"q": v[min(len(v) - 1, max(0, i // 2 + rng.randint(-3, 1)))]}
+            t += rng.uniform(0.05, 2.0)
+            r = g.check("a", "search", "POST", "/run", body, t)
+            if r is None:
+                g.record("a", "search", "POST", "/run", body, t, Outcome.CLIENT_ERROR, 400, f"bad {i}")
+                continue
+            later = copy.deepcopy(g)
+            lift = t + r.retry_after_s
+            assert later.check("a", "search", "POST", "/run", body, lift - 1e-6) is not None, (seed, i)
+            assert later.check("a", "search", "POST", "/run", body, lift + 1e-6) is None, (seed, i, r.message)
 
 
 def test_query_strings_are_part_of_the_call():

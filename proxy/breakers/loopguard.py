@@ -16,6 +16,9 @@ steps and one more failing call reaches the tool. So a refused call is kept as a
 until the same moment the first refusal lifts (an echo never extends it, so
 ``Retry-After`` stays true however hard the agent hammers). Only a call that is
 different from the failures and from everything refused since gets through.
+Echoes are kept apart from the failures (at most ``history`` of them, so they never
+push a failure out), are not failures (``recent_failures`` does not count them), and
+go when a success wipes the failures they stand on.
 
 Only failures that say "this call is wrong" are loop material: 4xx and 5xx
 answers except the statuses that invite a retry of the same call (408, 425, 429,
@@ -42,18 +45,20 @@ _SWEEP_EVERY_S = 1.0
 
 
 class _Failure:
-    """A failed call, or an echo: a refused call, standing for the `echo` failures it
-    was refused for, and expiring with them (`t` is theirs, not the refusal's)."""
+    """A failed call, or an echo: a refused call, standing for the failures it was
+    refused for (`basis`; `echo` says how many times the call had failed), and
+    expiring with them (`t` is the time its refusal is anchored to, not its own)."""
 
-    __slots__ = ("t", "method", "path", "loops", "size", "digest", "sketch", "error", "echo")
+    __slots__ = ("t", "method", "path", "loops", "size", "digest", "sketch", "error", "echo", "basis")
 
     def __init__(self, t: float, method: str, path: str, error: str, fp: Fingerprint | None,
-                 echo: int = 0) -> None:
+                 echo: int = 0, basis: tuple["_Failure", ...] = ()) -> None:
         self.t = t
         self.method = method
         self.path = path
         self.error = error
         self.echo = echo
+        self.basis = basis
         self.loops = fp is not None
         if fp is not None:
             self.size = fp.size
@@ -65,10 +70,11 @@ class _Failure:
 
 
 class _History:
-    __slots__ = ("failures", "last_seen", "config", "ignore")
+    __slots__ = ("failures", "echoes", "last_seen", "config", "ignore")
 
     def __init__(self, config: LoopGuardConfig) -> None:
         self.failures: list[_Failure] = []
+        self.echoes: list[_Failure] = []
         self.last_seen = 0.0
         self.config = config
         self.ignore = frozenset(config.ignore_fields)
@@ -111,28 +117,36 @@ class LoopGuard:
         cfg = h.config
         since = now - cfg.window_s
         cands = [f for f in h.failures if f.loops and f.t > since and f.path == path and f.method == method]
+        echo_cands = [e for e in h.echoes if e.t > since and e.path == path and e.method == method] \
+            if h.echoes else cands[:0]
         repeats = cfg.repeats
-        if len(cands) < repeats and not any(f.echo for f in cands):
+        if len(cands) < repeats and not echo_cands:
             return None, None
         fp = self._fingerprint(body, query, h)
-        same = self._alike(fp, cands, cfg.similarity)
-        failed = [f for f in same if not f.echo]
-        echoes = [f for f in same if f.echo]
+        failed = self._alike(fp, cands, cfg.similarity)
+        echoes = self._alike(fp, echo_cands, cfg.similarity) if echo_cands else echo_cands
         # The refusal lifts when only repeats-1 of the failures are left in the window
-        # (they are kept in time order), or, near an echo only, when the echo's do.
+        # (they are kept in time order) and every echo it matches has lifted: the latest
+        # of those moments, with the failures that set it.
+        anchor = -1.0
+        basis: tuple[_Failure, ...] = ()
         if len(failed) >= repeats:
-            anchor = failed[len(failed) - repeats].t
-        elif echoes:
-            anchor = max(f.t for f in echoes)
-        else:
+            basis = tuple(failed[len(failed) - repeats:])
+            anchor = basis[0].t
+        for e in echoes:
+            if e.t > anchor:
+                anchor, basis = e.t, e.basis
+        if not basis:
             return None, fp
-        times = max(len(failed), max((f.echo for f in echoes), default=0))
+        same = failed + echoes
+        times = max(len(failed), max((e.echo for e in echoes), default=0))
         exact = all(fp.digest == f.digest and fp.size == f.size for f in same)
         if exact:
             self.rejected_exact += 1
         else:
             self.rejected_near += 1
-            self._append(h, _Failure(anchor, method, path, same[-1].error, fp, times), now)
+        if not any(fp.digest == f.digest and fp.size == f.size for f in same):
+            self._add_echo(h, _Failure(anchor, method, path, same[-1].error, fp, times, basis), since)
         wait = anchor + cfg.window_s - now
         alike = "identical" if exact else "near-identical"
         return Refusal(
@@ -173,6 +187,8 @@ class LoopGuard:
             gone = {id(f) for f in self._alike(fp, mine, h.config.similarity)}
             if gone:
                 h.failures = [f for f in h.failures if id(f) not in gone]
+                if h.echoes:  # an echo goes with the failures it stands on
+                    h.echoes = [e for e in h.echoes if not any(id(b) in gone for b in e.basis)]
             return
         if h is None:
             h = pairs[key] = _History(self._config_for(tool))
@@ -188,7 +204,7 @@ class LoopGuard:
 
     @staticmethod
     def _append(h: _History, entry: _Failure, now: float) -> None:
-        """Keep `entry`, within the window and at most `history` entries."""
+        """Keep the failure `entry`, within the window and at most `history` failures."""
         failures = h.failures
         cfg = h.config
         since = now - cfg.window_s
@@ -197,13 +213,23 @@ class LoopGuard:
             h.failures = failures
         failures.append(entry)
 
+    @staticmethod
+    def _add_echo(h: _History, echo: _Failure, since: float) -> None:
+        """Keep `echo`: live ones only, at most `history` echoes (the oldest go first)."""
+        cap = h.config.history
+        echoes = [e for e in h.echoes if e.t > since]
+        if len(echoes) >= cap:
+            echoes = echoes[len(echoes) - cap + 1:] if cap > 1 else []
+        echoes.append(echo)
+        h.echoes = echoes
+
     def recent_failures(self, agent: str, tool: str, now: float) -> int:
         """Failures of this agent on this tool within the window (any kind)."""
         h = self._pairs.get((agent, tool))
         if h is None:
             return 0
         since = now - h.config.window_s
-        return sum(1 for f in h.failures if f.t > since and not f.echo)
+        return sum(1 for f in h.failures if f.t > since)
 
     def reset(self, agent: str | None = None, tool: str | None = None) -> int:
         keys = [k for k in self._pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
@@ -218,7 +244,7 @@ class LoopGuard:
         out = []
         for (agent, tool), h in self._pairs.items():
             since = now - h.config.window_s
-            live = [f for f in h.failures if f.t > since and not f.echo]
+            live = [f for f in h.failures if f.t > since]
             if live:
                 out.append({"agent": agent, "tool": tool, "recent_failures": len(live),
                             "last_error": live[-1].error,
