@@ -19,7 +19,7 @@ from typing import Any
 
 from .explain import build_explainer
 from .logs import DecisionLog, use_json_logs
-from .traces import TraceRing
+from .traces import TraceRing, notes_of
 
 log = logging.getLogger("regate.observability")
 
@@ -77,14 +77,15 @@ class Observability:
                 ex = self.explainer
                 if ex is not None and (rejection is not None or call.shadow_denied or ex.every) and ex.wants(call):
                     explain = ex.explain(call)
-                # References only (decision, rejection, extras): JSON is made when asked. Not the
-                # parsed request itself: an entry outlives its call by `traces` calls, and freeing
-                # a cold request (headers, raw bytes, URL) when its slot is reused cost ~5 us a call.
+                # References (decision, rejection) and the few extras a trace shows; JSON is made
+                # when asked. An entry outlives its call by `traces` calls, so it keeps neither the
+                # parsed request (freeing a cold one when its slot was reused cost ~5 us a call)
+                # nor the extras (an MCP call's arguments and replies: megabytes).
                 request = call.request
                 ring.add((call.id, call.started_ns, call.agent, call.tool_key, request.method, request.path,
                           request.headers.get("traceparent") if span is None else None, status,
                           outcome, call.ended_by, call.marks, total_ns, call.upstream_ns, call.upstream_status,
-                          revision, call.decision, rejection, call.extra, call.shadow_denied, trace_id, explain))
+                          revision, call.decision, rejection, notes_of(call.extra), call.shadow_denied, trace_id, explain))
             lg = self.log
             if rejection is not None and lg.rejections or lg.decisions:
                 lg.write(call, status, outcome, added_ns, decision_label(call), revision, trace_id)

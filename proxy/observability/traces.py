@@ -26,7 +26,7 @@ from .propagation import parse_traceparent
 
 # The stored tuple, field by field.
 (ID, STARTED_NS, AGENT, TOOL, METHOD, PATH, PARENT, STATUS, OUTCOME, ENDED_BY, MARKS, TOTAL_NS, UPSTREAM_NS,
- UPSTREAM_STATUS, REVISION, DECISION, REJECTION, EXTRA, SHADOW, TRACE_ID, EXPLAIN) = range(21)
+ UPSTREAM_STATUS, REVISION, DECISION, REJECTION, NOTES, SHADOW, TRACE_ID, EXPLAIN) = range(21)
 
 DECISION_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 # How much of the audit log a lookup of an old decision reads, newest segments first.
@@ -113,7 +113,8 @@ def _decision_label(entry: tuple) -> str | None:
     d = entry[DECISION]
     if entry[SHADOW]:
         return "shadow_deny"
-    if "fail_open" in entry[EXTRA]:
+    notes = entry[NOTES]
+    if notes is not None and "fail_open" in notes:
         return "allow_fail_open"
     if d is None:
         return None
@@ -150,11 +151,13 @@ def stages(entry: tuple) -> list[dict[str, Any]]:
     return out
 
 
-def _notes(entry: tuple) -> dict[str, Any]:
-    extra = entry[EXTRA]
+def notes_of(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """What a trace keeps of a call's extras (None: nothing). Not the extras themselves:
+    they can hold an MCP message's arguments and replies, megabytes that a ring of the
+    last 1000 calls must not keep alive."""
+    if not extra:
+        return None
     notes: dict[str, Any] = {}
-    if entry[SHADOW]:
-        notes["shadow_denied"] = True
     if "fail_open" in extra:
         notes["fail_open"] = extra["fail_open"]
     if "approval_id" in extra:
@@ -167,6 +170,13 @@ def _notes(entry: tuple) -> dict[str, Any]:
     mcp = extra.get("mcp")
     if isinstance(mcp, dict):
         notes["mcp"] = {k: mcp[k] for k in ("method", "tool") if k in mcp}
+    return notes or None
+
+
+def _notes(entry: tuple) -> dict[str, Any]:
+    notes = dict(entry[NOTES] or ())
+    if entry[SHADOW]:
+        notes = {"shadow_denied": True, **notes}
     return notes
 
 
