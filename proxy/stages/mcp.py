@@ -334,10 +334,12 @@ class McpStage:
         except (TimeoutError, aiohttp.ClientError, zlib.error) as exc:
             raise UpstreamError(Rejection(
                 502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
+        if 0 < read <= limit and size <= limit and _truncated(decoder):
+            raise _cut_short(call)
         body = b"".join(chunks)
         if size > limit or read > limit:
             # NOTE: lossy: an answer past max_message_bytes (inflated, when compressed)
-            # is not buffered to be filtered; it streams on as it is.
+            # is not buffered to be filtered; it streams on unfiltered (inflated).
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
             await out.prepare(call.request)
             if not await _send(call, out, body, deadline):
@@ -368,6 +370,7 @@ class McpStage:
         await out.prepare(call.request)
         reader = SseReader()
         content = resp.content
+        fed = False  # any body at all: an empty one is not a cut-short compressed stream
         while True:
             try:
                 async with asyncio.timeout(deadline):
@@ -376,6 +379,7 @@ class McpStage:
                 return _broken(call, out)
             if not chunk:
                 break
+            fed = True
             pieces = _pieces(decoder, chunk)
             while True:
                 try:
@@ -408,6 +412,8 @@ class McpStage:
         # An event the stream never finished is sent as it is.
         if reader.pending and not await _send(call, out, reader.take_pending(), deadline):
             return out
+        if fed and _truncated(decoder):
+            return _broken(call, out)
         await out.write_eof()
         return out
 
@@ -444,6 +450,8 @@ class McpStage:
         except (TimeoutError, aiohttp.ClientError, zlib.error) as exc:
             raise UpstreamError(Rejection(
                 502, "upstream_error", f"tool {call.tool.name!r} broke off its response: {exc.__class__.__name__}"))
+        if read and _truncated(decoder):
+            raise _cut_short(call)
         body = b"".join(chunks)
         if resp.status >= 400:
             call.extra["error_body"] = body[:8192]
@@ -637,6 +645,18 @@ def _inflate(decoder: Any, data: bytes) -> Iterator[bytes]:
         yield piece
 
 
+def _truncated(decoder: Any) -> bool:
+    """The answer ended inside its compressed stream. With Content-Encoding removed the
+    agent cannot tell (the gzip trailer and its CRC are gone), so Regate must not end the
+    answer as if it were whole."""
+    return decoder is not None and decoder is not False and not decoder.eof
+
+
+def _cut_short(call: Call) -> UpstreamError:
+    return UpstreamError(Rejection(
+        502, "upstream_error", f"tool {call.tool.name!r} ended its compressed answer before the end of the stream"))
+
+
 def _batch_too_large(call: Call, limit: int) -> UpstreamError:
     return UpstreamError(Rejection(
         502, "upstream_error",
@@ -692,6 +712,8 @@ async def _pipe(call: Call, resp: aiohttp.ClientResponse, out: web.StreamRespons
         if not chunk:
             break
         pieces = _pieces(decoder, chunk)
+    if _truncated(decoder):
+        return _broken(call, out)
     await out.write_eof()
     return out
 

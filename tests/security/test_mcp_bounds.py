@@ -76,8 +76,15 @@ class BombTool:
 
     async def _answer(self, request: web.Request) -> web.Response:
         await request.read()
-        ctype = "text/event-stream" if request.match_info["kind"] == "sse" else "application/json"
-        return web.Response(body=self.bomb, headers={"Content-Type": ctype, "Content-Encoding": "gzip"})
+        kind = request.match_info["kind"]
+        ctype = "text/event-stream" if kind.endswith("sse") else "application/json"
+        body = self.bomb
+        if kind.startswith("cut"):
+            # A whole tools/list answer, gzipped, without the gzip trailer (CRC and size):
+            # every byte of the JSON inflates, but the stream never ends.
+            reply = orjson.dumps({"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "t", "inputSchema": {}}]}})
+            body = gzip.compress(b"event: message\ndata: " + reply + b"\n\n" if kind.endswith("sse") else reply)[:-8]
+        return web.Response(body=body, headers={"Content-Type": ctype, "Content-Encoding": "gzip"})
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -103,6 +110,8 @@ def _regate(tool: BombTool, keys_file: Path, tmp: Path, policy: bool) -> RegateP
         "tools": [
             {"name": "bomb-json", "upstream": f"{tool.url}/json", **route},
             {"name": "bomb-sse", "upstream": f"{tool.url}/sse", **route},
+            {"name": "cut-json", "upstream": f"{tool.url}/cut-json", **route},
+            {"name": "cut-sse", "upstream": f"{tool.url}/cut-sse", **route},
         ],
         "limits": {"enabled": False},
         # Every bomb is a failed call: no breaker may stand between the tests and the tool.
@@ -214,6 +223,21 @@ def test_an_agent_that_stops_reading_a_streamed_answer_is_cut_off(regate, route)
             pass
     assert received < BOMB_SIZE // 4, f"{received} bytes: the stalled stream was never cut"
     assert peak.growth < MAX_GROWTH, f"Regate's RSS grew {peak.growth >> 20} MiB for one agent that does not read"
+
+
+async def test_a_compressed_answer_that_stops_before_its_end_is_not_passed_on_as_whole(regate):
+    # Regate removes Content-Encoding, so the agent could not see the missing gzip trailer.
+    headers = {"X-Api-Key": AGENT_KEY, "Content-Type": "application/json", "Accept": ACCEPT}
+    listing = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{regate.url}/tools/cut-json/mcp", data=listing, headers=headers) as r:
+            doc = await r.json()
+        err = doc["error"]  # read whole to be filtered: refused before the status line
+        assert err["data"]["code"] == "upstream_error" and "before the end" in err["message"], err
+        with pytest.raises(aiohttp.ClientPayloadError):  # streamed event by event: the stream is cut
+            async with s.post(f"{regate.url}/tools/cut-sse/mcp", data=listing, headers=headers) as r:
+                assert r.status == 200
+                await r.read()
 
 
 def _jsonrpc_error(resp, status: int, code: str) -> dict:
