@@ -146,6 +146,9 @@ async def test_shadow_mode_counts_what_the_decision_limits_would_refuse(regates,
     proc = regates[store]
     answers = await calls(proc, "/tools/watch/q?mode=expensive", 3)
     assert [a.status for a in answers] == [200, 200, 200]
+    # Watching changes nothing the agent sees: no decision-* RateLimit items to slow it down.
+    assert not any("decision-" in a.headers.get("RateLimit", "") + a.headers.get("RateLimit-Policy", "")
+                   for a in answers), [a.headers.get("RateLimit") for a in answers]
     _, metrics = await fetch(f"{proc.admin_url}/metrics")
     m = re.search(r'^regate_policy_would_deny_total\{(?=[^}]*tool="watch")(?=[^}]*reason="decision limits: '
                   r'rate_limited")[^}]*\} (\S+)$', metrics, re.M)

@@ -158,10 +158,13 @@ class PolicyStage:
             call.timeout_ms = decision.timeout_ms
         if decision.cost is not None:
             call.cost = decision.cost
-        if decision.limit_checks is not None and self.limits is not None:
+        if decision.limit_checks is not None and self.limits is not None and not call.shadow_denied:
             # NOTE: with limits switched off (limits.enabled: false) there is no limiter,
-            # and a decision's limits are not enforced either.
-            rejection = await self.limits.enforce_decision(call, decision.limit_checks)
+            # and a decision's limits are not enforced either. A shadow-denied call would
+            # not get this far when enforcing, so it spends nothing; in shadow mode the
+            # agent is not sent the decision's RateLimit items (watching changes nothing).
+            rejection = await self.limits.enforce_decision(call, decision.limit_checks,
+                                                           advertise=mode != "shadow")
             if rejection is not None:
                 if mode != "shadow":
                     return rejection

@@ -103,7 +103,8 @@ class RateLimit:
             call.response_headers[name] = value
         return None
 
-    async def enforce_decision(self, call: Call, checks: tuple[Any, Any, Any]) -> Rejection | None:
+    async def enforce_decision(self, call: Call, checks: tuple[Any, Any, Any], *,
+                               advertise: bool = True) -> Rejection | None:
         """The decision's ``limits`` for this call (``Decision.limit_checks``: agent Rate,
         agent×tool Rate, Budget, each None for none), called by the policy stage right
         after the decision.
@@ -132,7 +133,8 @@ class RateLimit:
                 rej = self._store_error("rate", decision.store_error)
                 if rej is not None:
                     return rej
-            _append_items(headers, decision.headers(DECISION_NAMES[0], DECISION_NAMES[1]))
+            if advertise:
+                _append_items(headers, decision.headers(DECISION_NAMES[0], DECISION_NAMES[1]))
             if not decision.allowed:
                 rej = Rejection(429, "rate_limited", _rate_message(decision, key, by_policy=True))
                 retry = decision.retry_after_header()
@@ -148,7 +150,7 @@ class RateLimit:
                 if rej is not None:
                     return rej
             item = verdict.limit_item(DECISION_NAMES[2])
-            if item is not None:
+            if item is not None and advertise:
                 _append_items(headers, [("RateLimit-Policy", budget.policy_item(DECISION_NAMES[2])),
                                         ("RateLimit", item)])
             if not verdict.allowed:
