@@ -155,9 +155,9 @@ class PeakRss:
         try:
             with open(f"/proc/{self.pid}/clear_refs", "w") as f:
                 f.write("5")  # the high-water mark restarts from the current RSS
-            self.base = psutil.Process(self.pid).memory_info().rss
         except OSError:
-            self.base = self._hwm()
+            pass  # then an earlier peak counts as growth: a false alarm, never a masked one
+        self.base = psutil.Process(self.pid).memory_info().rss
         return self
 
     def __exit__(self, *exc: object) -> None:
