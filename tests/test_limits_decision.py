@@ -19,7 +19,7 @@ import redis.asyncio
 import yaml
 
 from proxy.limits import Budget, MemoryBudgets, MemoryRateLimiter, Rate
-from tests.conftest import AGENT_KEY
+from tests.conftest import AGENT_KEY, OTHER_KEY
 from tests.support.procs import RegateProcess
 from tests.test_limits_proxy import fetch, get, items, redis_server  # noqa: F401 (a fixture)
 from tests.test_policy_e2e import write_bundle
@@ -58,6 +58,7 @@ def regates(upstream, keys_file, tmp_path_factory, redis_server):  # noqa: F811
     rego, data = write_bundle(tmp, POLICY, {"limits.yaml": yaml.safe_dump(LIMITS)})
     tools = [{"name": n, "upstream": upstream, "timeout_ms": 5000} for n in TOOLS]
     tools[-1]["policy_mode"] = "shadow"
+    tools.append({"name": "dead", "upstream": "http://127.0.0.1:9", "timeout_ms": 2000})  # nothing listens
     stores = {"memory": {}, "redis": {"store": "redis", "redis_url": redis_server.url, "timeout_ms": 500,
                                       "on_store_error": "deny"}}
 
@@ -78,9 +79,9 @@ def regates(upstream, keys_file, tmp_path_factory, redis_server):  # noqa: F811
 STORES = pytest.mark.parametrize("store", ["memory", "redis"])
 
 
-async def calls(proc: RegateProcess, path: str, n: int) -> list:
+async def calls(proc: RegateProcess, path: str, n: int, key: str = AGENT_KEY) -> list:
     async with aiohttp.ClientSession() as s:
-        return [await get(s, proc.url + path, AGENT_KEY) for _ in range(n)]
+        return [await get(s, proc.url + path, key) for _ in range(n)]
 
 
 @STORES
@@ -132,6 +133,14 @@ async def test_decision_budget_is_its_own_account(regates, store):
     assert items(refused.headers["RateLimit"])["decision-budget"]["r"] == 0
     # Calls without the decision's budget are not charged to it.
     assert (await calls(regates[store], "/tools/billing/q", 1))[0].status == 200
+
+
+@STORES
+async def test_a_call_that_never_ran_gets_its_decision_budget_back(regates, store):
+    # Budget 2, cost 1: without refunds the third call would be budget_exhausted. (Another
+    # agent than the other tests': a decision budget is the agent's, across tools.)
+    answers = await calls(regates[store], "/tools/dead/q?mode=budgeted", 3, OTHER_KEY)
+    assert [(a.status, a.code) for a in answers] == [(502, "upstream_unreachable")] * 3
 
 
 @STORES
