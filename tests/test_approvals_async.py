@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import AGENT_KEY
 from tests.support.approvals import admin, agent_call, audit_records, decide, wait_audit
-from tests.support.procs import RegateProcess, start_upstream
+from tests.support.procs import RegateProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,14 +39,7 @@ approval := {
 
 
 @pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def regate(upstream_url, keys_file, tmp_path_factory):
+def regate(upstream, keys_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("approvals-async")
     (tmp / "rego").mkdir()
     (tmp / "data").mkdir()
@@ -54,7 +47,7 @@ def regate(upstream_url, keys_file, tmp_path_factory):
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": str(tmp / "rego"), "data": str(tmp / "data")},
-        "tools": [{"name": "wire", "upstream": upstream_url, "timeout_ms": 5000}],
+        "tools": [{"name": "wire", "upstream": upstream, "timeout_ms": 5000}],
         "limits": {"enabled": False},
         # hold by default, async for the wire route: the route's mode is what applies.
         "approvals": {"mode": "hold", "tools": {"wire": "async"}, "timeout_s": TIMEOUT_S, "use_within_s": 30},
@@ -87,8 +80,8 @@ def resend(regate, approval_id, payload, **kw):
     return agent_call(regate.url, kw.pop("path", WIRE), payload, headers=headers, **kw)
 
 
-async def test_approved_resend_runs_once_and_only_unchanged(regate, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_approved_resend_runs_once_and_only_unchanged(regate, upstream):
+    before = upstream_calls(upstream)
     payload = {"amount": 500, "memo": "rent", "account": "DE44 5001 0517 5407 3249 31",
                "auth": {"Token": "s3cr3t-t0ken", "scope": "wire"}, "list": [{"account": "x"}, 1]}
     approval_id, headers = await propose(regate, payload)
@@ -120,18 +113,18 @@ async def test_approved_resend_runs_once_and_only_unchanged(regate, upstream_url
     assert status == 403 and body["error"]["code"] == "approval_invalid"
     status, _, body = await resend(regate, "not-an-id", payload)
     assert status == 400 and body["error"]["code"] == "approval_invalid"
-    assert upstream_calls(upstream_url) == before
+    assert upstream_calls(upstream) == before
 
     # The exact call runs, once.
     status, headers, echoed = await resend(regate, approval_id, payload)
     assert status == 200, echoed
     assert json.loads(echoed["body"]) == payload
     executed_decision = headers["X-Regate-Decision-Id"]
-    assert upstream_calls(upstream_url) == before + 1
+    assert upstream_calls(upstream) == before + 1
 
     status, _, body = await resend(regate, approval_id, payload)
     assert status == 409 and body["error"]["code"] == "approval_used"
-    assert upstream_calls(upstream_url) == before + 1
+    assert upstream_calls(upstream) == before + 1
 
     await wait_audit(regate.audit_dir, lambda r: r.get("approval_id") == approval_id and r.get("event") == "executed")
     records = audit_records(regate.audit_dir)
@@ -151,18 +144,18 @@ async def test_approved_resend_runs_once_and_only_unchanged(regate, upstream_url
         ("decision", "allow"), ("outcome", 200)]
 
 
-async def test_denied_resend_gets_403_with_the_comment(regate, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_denied_resend_gets_403_with_the_comment(regate, upstream):
+    before = upstream_calls(upstream)
     payload = {"amount": 700, "memo": "gift"}
     approval_id, _ = await propose(regate, payload)
     await decide(regate, approval_id, "deny", "bob", "gifts need a ticket")
     status, _, body = await resend(regate, approval_id, payload)
     assert status == 403 and body["error"]["code"] == "approval_denied"
     assert "gifts need a ticket" in body["error"]["message"]
-    assert upstream_calls(upstream_url) == before
+    assert upstream_calls(upstream) == before
 
 
-async def test_unanswered_approval_times_out(regate, upstream_url):
+async def test_unanswered_approval_times_out(regate, upstream):
     payload = {"amount": 800}
     approval_id, _ = await propose(regate, payload)
     await asyncio.sleep(TIMEOUT_S + 0.2)
@@ -177,7 +170,7 @@ async def test_unanswered_approval_times_out(regate, upstream_url):
     assert len(expired) == 1  # written once, by whoever noticed first
 
 
-async def test_a_decision_can_ask_for_hold_on_an_async_route(regate, upstream_url):
+async def test_a_decision_can_ask_for_hold_on_an_async_route(regate, upstream):
     payload = {"amount": 150, "mode": "hold"}
     task = asyncio.create_task(agent_call(regate.url, WIRE, payload))
     deadline = time.monotonic() + 5

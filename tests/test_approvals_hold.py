@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import AGENT_KEY, OTHER_KEY
 from tests.support.approvals import admin, agent_call, audit_records, decide, wait_audit, wait_pending
-from tests.support.procs import ADMIN_TOKEN, ROOT, RegateProcess, start_upstream
+from tests.support.procs import ADMIN_TOKEN, ROOT, RegateProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -28,14 +28,7 @@ PAY = "/tools/payments/pay"
 
 
 @pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(upstream_url, keys_file, tmp_path_factory):
+def replicas(upstream, keys_file, tmp_path_factory):
     """Two Regates: one whose approvals wait long enough for a person (or a
     loaded CI machine), one whose approvals time out quickly."""
 
@@ -44,7 +37,7 @@ def replicas(upstream_url, keys_file, tmp_path_factory):
         cfg = {
             "auth": {"mode": "api_key", "keys": str(keys_file)},
             "policy": {"rego": str(ROOT / "rego"), "data": str(ROOT / "policies")},
-            "tools": [{"name": "payments", "upstream": upstream_url, "timeout_ms": 5000}],
+            "tools": [{"name": "payments", "upstream": upstream, "timeout_ms": 5000}],
             "limits": {"enabled": False},  # the shipped payments limit (3 a burst) is not under test here
             "approvals": {"mode": "hold", "timeout_s": timeout_s},
             "http": {"shutdown_grace_s": 1},
@@ -77,14 +70,14 @@ def upstream_calls(url: str) -> int:
         return json.loads(r.read())["calls"]
 
 
-async def test_small_payment_needs_no_human(regate, upstream_url):
+async def test_small_payment_needs_no_human(regate, upstream):
     status, headers, body = await agent_call(regate.url, PAY, {"amount": 50, "to": "acme"})
     assert status == 200, body
     assert "X-Regate-Approval" not in headers
 
 
-async def test_approved_call_is_forwarded_exactly_once_and_audited(regate, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_approved_call_is_forwarded_exactly_once_and_audited(regate, upstream):
+    before = upstream_calls(upstream)
     payload = {"amount": 250, "to": "acme", "invoice": "INV-7"}
     task = asyncio.create_task(agent_call(regate.url, PAY, payload))
     rec = await wait_pending(regate, agent="analyst-2")
@@ -93,7 +86,7 @@ async def test_approved_call_is_forwarded_exactly_once_and_audited(regate, upstr
     assert "250 USD is above the 100 USD" in rec["reason"]
     assert rec["args"] == payload
     assert 0 < rec["time_left_s"] <= TIMEOUT_S
-    assert upstream_calls(upstream_url) == before  # held: nothing reached the tool yet
+    assert upstream_calls(upstream) == before  # held: nothing reached the tool yet
     assert not task.done()
 
     status, body = await decide(regate, rec["id"], "approve", "alice", "invoice checked")
@@ -107,7 +100,7 @@ async def test_approved_call_is_forwarded_exactly_once_and_audited(regate, upstr
     import json
 
     assert json.loads(echoed["body"]) == payload
-    assert upstream_calls(upstream_url) == before + 1
+    assert upstream_calls(upstream) == before + 1
 
     # A second decision on the same approval is refused: it is spent.
     status, body = await decide(regate, rec["id"], "deny", "bob")
@@ -137,8 +130,8 @@ async def test_approved_call_is_forwarded_exactly_once_and_audited(regate, upstr
     assert 'regate_approvals_total{event="executed"}' in metrics and "regate_approvals_held 0.0" in metrics
 
 
-async def test_denied_call_gets_403_with_the_comment(regate, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_denied_call_gets_403_with_the_comment(regate, upstream):
+    before = upstream_calls(upstream)
     task = asyncio.create_task(agent_call(regate.url, PAY, {"amount": 900, "to": "unknown-vendor"}))
     rec = await wait_pending(regate, agent="analyst-2")
     status, _ = await decide(regate, rec["id"], "deny", "bob", "vendor is not on the approved list")
@@ -149,14 +142,14 @@ async def test_denied_call_gets_403_with_the_comment(regate, upstream_url):
     assert "vendor is not on the approved list" in body["error"]["message"]
     assert body["error"]["reasons"] == ["vendor is not on the approved list"]
     assert "bob" not in str(body)  # the approver's name is for the audit, not the agent
-    assert upstream_calls(upstream_url) == before
+    assert upstream_calls(upstream) == before
     denied = await wait_audit(regate.audit_dir, lambda r: r.get("approval_id") == rec["id"]
                               and r.get("event") == "denied")
     assert denied[0]["approver"] == "bob"
 
 
-async def test_undecided_call_times_out_with_408(quick, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_undecided_call_times_out_with_408(quick, upstream):
+    before = upstream_calls(upstream)
     started = time.monotonic()
     task = asyncio.create_task(agent_call(quick.url, PAY, {"amount": 300, "to": "acme"}))
     rec = await wait_pending(quick, agent="analyst-2")
@@ -167,14 +160,14 @@ async def test_undecided_call_times_out_with_408(quick, upstream_url):
     assert status == 409
     status, body = await admin(quick, "GET", f"/admin/approvals/{rec['id']}")
     assert body["approval"]["state"] == "expired"
-    assert upstream_calls(upstream_url) == before
+    assert upstream_calls(upstream) == before
     expired = await wait_audit(quick.audit_dir, lambda r: r.get("approval_id") == rec["id"]
                                and r.get("event") == "expired")
     assert len(expired) == 1
 
 
-async def test_client_disconnect_withdraws_the_approval(regate, upstream_url):
-    before = upstream_calls(upstream_url)
+async def test_client_disconnect_withdraws_the_approval(regate, upstream):
+    before = upstream_calls(upstream)
     task = asyncio.create_task(agent_call(regate.url, PAY, {"amount": 400, "to": "acme"}))
     rec = await wait_pending(regate, agent="analyst-2")
     task.cancel()  # closes the client's connection mid-wait
@@ -191,7 +184,7 @@ async def test_client_disconnect_withdraws_the_approval(regate, upstream_url):
     assert state == "withdrawn"
     status, body = await decide(regate, rec["id"], "approve", "alice")
     assert status == 409 and "withdrawn" in body["error"]["message"]
-    assert upstream_calls(upstream_url) == before
+    assert upstream_calls(upstream) == before
     withdrawn = await wait_audit(regate.audit_dir, lambda r: r.get("approval_id") == rec["id"]
                                  and r.get("event") == "withdrawn")
     assert withdrawn and withdrawn[0]["note"] == "the client disconnected"
@@ -214,7 +207,7 @@ def _cli(regate, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=20)
 
 
-async def test_cli_lists_approves_and_denies(regate, upstream_url, capsys):
+async def test_cli_lists_approves_and_denies(regate, upstream, capsys):
     task = asyncio.create_task(agent_call(regate.url, PAY, {"amount": 120, "to": "cli-vendor"}))
     rec = await wait_pending(regate, agent="analyst-2")
     out = await asyncio.to_thread(_cli, regate, "list")

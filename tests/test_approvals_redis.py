@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.support.approvals import admin, agent_call, decide, wait_pending
-from tests.support.procs import ROOT, RegateProcess, start_upstream
+from tests.support.procs import ROOT, RegateProcess
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -26,20 +26,13 @@ def redis_server():
 
 
 @pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(redis_server, upstream_url, keys_file, tmp_path_factory):
+def replicas(redis_server, upstream, keys_file, tmp_path_factory):
     def start(name: str) -> RegateProcess:
         tmp = tmp_path_factory.mktemp(f"approvals-replica-{name}")
         cfg = {
             "auth": {"mode": "api_key", "keys": str(keys_file)},
             "policy": {"rego": str(ROOT / "rego"), "data": str(ROOT / "policies")},
-            "tools": [{"name": "payments", "upstream": upstream_url, "timeout_ms": 5000}],
+            "tools": [{"name": "payments", "upstream": upstream, "timeout_ms": 5000}],
             "limits": {"enabled": False, "redis_url": redis_server.url},
             "approvals": {"store": "redis", "redis_url": redis_server.url, "timeout_s": 10,
                           "tools": {"payments": "hold"}},

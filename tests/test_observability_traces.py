@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import AGENT_KEY, OTHER_KEY
-from tests.support.procs import ADMIN_TOKEN, ROOT, RegateProcess, start_upstream
+from tests.support.procs import ADMIN_TOKEN, ROOT, RegateProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -34,20 +34,13 @@ def _bundle(tmp) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def regate(keys_file, upstream_url, tmp_path_factory):
+def regate(keys_file, upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs-traces")
     rego, data = _bundle(tmp)
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": rego, "data": data},
-        "tools": [{"name": "shell", "upstream": upstream_url}, {"name": "echo", "upstream": upstream_url}],
+        "tools": [{"name": "shell", "upstream": upstream}, {"name": "echo", "upstream": upstream}],
         "http": {"shutdown_grace_s": 1},
     }
     proc = RegateProcess(cfg, tmp)
@@ -152,14 +145,14 @@ async def test_explain_api_needs_the_token_and_knows_unknown_ids(regate):
     assert out.returncode == 1 and "401" in out.stderr and "REGATE_ADMIN_TOKEN" in out.stderr
 
 
-async def test_traces_off_explain_falls_back_to_the_audit_log_and_logs_are_json(keys_file, upstream_url,
+async def test_traces_off_explain_falls_back_to_the_audit_log_and_logs_are_json(keys_file, upstream,
                                                                                  tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs-audit")
     rego, data = _bundle(tmp)
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": rego, "data": data},
-        "tools": [{"name": "shell", "upstream": upstream_url}, {"name": "echo", "upstream": upstream_url}],
+        "tools": [{"name": "shell", "upstream": upstream}, {"name": "echo", "upstream": upstream}],
         "http": {"shutdown_grace_s": 1},
         "observability": {"traces": 0, "log_format": "json"},
     }

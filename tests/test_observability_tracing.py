@@ -21,7 +21,7 @@ from proxy.app import Regate, StartupError
 from proxy.observability import Observability
 from tests.conftest import AGENT_KEY
 from tests.support.otlp_collector import OtlpCollector
-from tests.support.procs import ROOT, RegateProcess, free_port, start_upstream
+from tests.support.procs import ROOT, RegateProcess, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -30,18 +30,11 @@ AGENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{AGENT_TRACE}-{AGENT_SPAN}-01"
 
 
-@pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-def _cfg(keys_file, upstream_url, **extra) -> dict:
+def _cfg(keys_file, upstream, **extra) -> dict:
     return {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": str(ROOT / "rego"), "data": str(ROOT / "policies")},
-        "tools": [{"name": "echo", "upstream": upstream_url}, {"name": "shell", "upstream": upstream_url}],
+        "tools": [{"name": "echo", "upstream": upstream}, {"name": "shell", "upstream": upstream}],
         "http": {"shutdown_grace_s": 1},
         **extra,
     }
@@ -53,10 +46,10 @@ async def _echo(url: str, headers: dict[str, str]) -> tuple[int, dict, dict]:
             return r.status, dict(r.headers), await r.json(content_type=None)
 
 
-async def test_traceparent_reaches_the_tool_with_regates_span_as_parent(keys_file, upstream_url, tmp_path):
+async def test_traceparent_reaches_the_tool_with_regates_span_as_parent(keys_file, upstream, tmp_path):
     collector = OtlpCollector()
     otlp = await collector.start()
-    cfg = _cfg(keys_file, upstream_url, tracing={"otlp_endpoint": otlp + "/v1/traces", "service_name": "regate-t"})
+    cfg = _cfg(keys_file, upstream, tracing={"otlp_endpoint": otlp + "/v1/traces", "service_name": "regate-t"})
     proc = await asyncio.to_thread(RegateProcess, cfg, tmp_path)
     try:
         status, headers, seen = await _echo(proc.url, {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
@@ -91,8 +84,8 @@ async def test_traceparent_reaches_the_tool_with_regates_span_as_parent(keys_fil
         await collector.stop()
 
 
-async def test_tracing_off_passes_the_agents_trace_context_untouched(keys_file, upstream_url, tmp_path):
-    proc = await asyncio.to_thread(RegateProcess, _cfg(keys_file, upstream_url), tmp_path)
+async def test_tracing_off_passes_the_agents_trace_context_untouched(keys_file, upstream, tmp_path):
+    proc = await asyncio.to_thread(RegateProcess, _cfg(keys_file, upstream), tmp_path)
     try:
         _, _, seen = await _echo(proc.url, {"traceparent": TRACEPARENT, "tracestate": "vendor=abc"})
         assert seen["headers"]["traceparent"] == TRACEPARENT and seen["headers"]["tracestate"] == "vendor=abc"
@@ -102,11 +95,11 @@ async def test_tracing_off_passes_the_agents_trace_context_untouched(keys_file, 
         await asyncio.to_thread(proc.stop)
 
 
-async def test_in_memory_exporter_gets_one_span_per_call_with_stage_children(keys_file, upstream_url, tmp_path):
+async def test_in_memory_exporter_gets_one_span_per_call_with_stage_children(keys_file, upstream, tmp_path):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     port, admin_port = free_port(), free_port()
-    cfg = config_mod.validate({**_cfg(keys_file, upstream_url), "listen": f"127.0.0.1:{port}",
+    cfg = config_mod.validate({**_cfg(keys_file, upstream), "listen": f"127.0.0.1:{port}",
                                "admin": {"listen": f"127.0.0.1:{admin_port}"},
                                "audit": {"dir": str(tmp_path / "audit")}})
     exporter = InMemorySpanExporter()
@@ -167,8 +160,8 @@ async def test_in_memory_exporter_gets_one_span_per_call_with_stage_children(key
         assert all(a.end_time <= b.start_time for a, b in zip(kids, kids[1:]))
 
 
-async def test_otlp_endpoint_without_the_sdk_is_a_startup_error(keys_file, upstream_url, monkeypatch):
-    cfg = config_mod.validate({**_cfg(keys_file, upstream_url),
+async def test_otlp_endpoint_without_the_sdk_is_a_startup_error(keys_file, upstream, monkeypatch):
+    cfg = config_mod.validate({**_cfg(keys_file, upstream),
                                "tracing": {"otlp_endpoint": "http://127.0.0.1:4318/v1/traces"}})
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
     with pytest.raises(StartupError, match=r"pip install 'regate\[otel\]'"):

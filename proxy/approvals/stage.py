@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..audit import AuditUnavailable
 from ..pipeline import Call, Rejection, rejection_response
-from ..stages.body import read_whole
+from ..stages.body import buffer_body
 from .approval import admin_view, agent_view, audit_record, new_record, target_hash, valid_id
 from .store import ApprovalStore, ApprovalStoreError, ApprovalStoreFull, Binding
 
@@ -375,11 +375,7 @@ class ApprovalStage:
         if call.body is None and request.body_exists:
             # As read_body reads a body: whole within http.body_timeout_s (a client that
             # trickles it cannot hold the call, nor its place in max_concurrent_per_agent).
-            body = await read_whole(request, call.tool.max_body_bytes, self.body_timeout_s)
-            if body.__class__ is Rejection:
-                return body  # type: ignore[return-value]
-            call.body = body
-            call.body_size = len(body)
+            return await buffer_body(call, self.body_timeout_s)
         call.body_sha256 = hashlib.sha256(call.body or b"").hexdigest()
         return None
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .config import AgentBackoffConfig
-from .outcome import SUCCESS, Outcome, Refusal, describe, seconds
+from .outcome import SUCCESS, Outcome, Refusal, describe, forget, seconds
 
 _SWEEP_EVERY_S = 1.0
 
@@ -104,10 +104,7 @@ class AgentBackoff:
 
     def reset(self, agent: str | None = None, tool: str | None = None) -> int:
         """Forget matching pairs (None matches all); returns how many."""
-        keys = [k for k in self._pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
-        for k in keys:
-            del self._pairs[k]
-        return len(keys)
+        return forget(self._pairs, agent, tool)
 
     def __len__(self) -> int:
         return len(self._pairs)

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from .config import LoopGuardConfig
 from .fingerprint import Fingerprint, fingerprint as _fingerprint_of, similarity
-from .outcome import CLIENT_ERROR, SERVER_ERROR, SUCCESS, Outcome, Refusal, describe, seconds
+from .outcome import CLIENT_ERROR, SERVER_ERROR, SUCCESS, Outcome, Refusal, describe, forget, seconds
 
 _SWEEP_EVERY_S = 1.0
 
@@ -232,10 +232,7 @@ class LoopGuard:
         return sum(1 for f in h.failures if f.t > since)
 
     def reset(self, agent: str | None = None, tool: str | None = None) -> int:
-        keys = [k for k in self._pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
-        for k in keys:
-            del self._pairs[k]
-        return len(keys)
+        return forget(self._pairs, agent, tool)
 
     def __len__(self) -> int:
         return len(self._pairs)

@@ -151,3 +151,12 @@ def _error_text(node: object, depth: int) -> str | None:
                 if found:
                     return found
     return None
+
+
+def forget(pairs: dict, agent: str | None, tool: str | None) -> int:
+    """Drop the (agent, tool) entries that match (None matches all); how many went.
+    The reset behind ``POST /admin/breakers/<tool>/reset`` for the per-pair guards."""
+    keys = [k for k in pairs if (agent is None or k[0] == agent) and (tool is None or k[1] == tool)]
+    for k in keys:
+        del pairs[k]
+    return len(keys)

@@ -104,7 +104,7 @@ class PolicyScan:
         return {c.name for c in self.calls if c.builtin}
 
 
-def _ref_parts(node: dict) -> tuple[str | None, list[str | None], dict | None]:
+def ref_parts(node: dict) -> tuple[str | None, list[str | None], dict | None]:
     """(root variable, path parts from the root, None for a dynamic part, leftover non-ref node)."""
     parts: list[str | None] = []
     cur = node
@@ -124,7 +124,7 @@ def _ref_parts(node: dict) -> tuple[str | None, list[str | None], dict | None]:
 
 
 def _static_name(node: dict) -> list[str] | None:
-    root, parts, _ = _ref_parts(node)
+    root, parts, _ = ref_parts(node)
     if root is None or any(p is None for p in parts):
         return None
     return [root, *parts]  # type: ignore[list-item]
@@ -146,7 +146,7 @@ def scan_modules(ast_json: str, *, skip_tests: bool = True) -> PolicyScan:
             if ref is None and body.get("head"):
                 ref = next(iter(body["head"].values())).get("refr")
             if ref is not None:
-                root, _, _ = _ref_parts(ref)
+                root, _, _ = ref_parts(ref)
                 if root:
                     names.add(root)
         contents = mod["source"]["contents"].encode()
@@ -216,7 +216,7 @@ class _Walker:
         return name[0] == "data" or name[0] in self.aliases or name[0] in self.rules.get(self.pkg, ())
 
     def ref(self, node: dict) -> None:
-        root, parts, leftover = _ref_parts(node)
+        root, parts, leftover = ref_parts(node)
         if leftover is not None:
             self.walk(leftover)
         # Dynamic parts (input.x[y]) are expressions of their own: walk them.

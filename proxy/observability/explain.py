@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from ..engines.decision import EngineError
-from ..engines.embedded import project
+from ..engines.embedded import project, ref_parts
 
 log = logging.getLogger("regate.observability")
 
@@ -219,23 +219,13 @@ def _unescape(s: str) -> str:
 
 
 def _ref_name(node: Any) -> str | None:
-    parts: list[str] = []
-    cur = node
-    while isinstance(cur, dict):
-        if "RefDot" in cur:
-            parts.append(cur["RefDot"]["field"][-1])
-            cur = cur["RefDot"]["refr"]
-        elif "RefBrack" in cur:
-            idx = cur["RefBrack"]["index"]
-            lit = idx.get("String") or idx.get("RawString")
-            parts.append(lit["value"] if lit else "[_]")
-            cur = cur["RefBrack"]["refr"]
-        elif "Var" in cur:
-            parts.append(cur["Var"]["value"])
-            return ".".join(reversed(parts))
-        else:
-            return None
-    return None
+    """`data.regate.tools.shell.deny` for a rule or package ref; a dynamic part is `[_]`."""
+    if not isinstance(node, dict):
+        return None
+    root, parts, _ = ref_parts(node)
+    if root is None:
+        return None
+    return ".".join([root, *(p if p is not None else "[_]" for p in parts)])
 
 
 class OpaExplainer(_Explainer):

@@ -116,6 +116,18 @@ async def _read(stream: Any, limit: int) -> bytes | None:
         chunks.append(chunk)
 
 
+async def buffer_body(call: Call, timeout_s: float) -> Rejection | None:
+    """Read the call's whole body (`read_whole`, within the tool's max_body_bytes) onto
+    the call: body, size and SHA-256; or the refusal. Parsing is the caller's."""
+    body = await read_whole(call.request, call.tool.max_body_bytes, timeout_s)
+    if body.__class__ is Rejection:
+        return body  # type: ignore[return-value]
+    call.body = body
+    call.body_size = len(body)
+    call.body_sha256 = hashlib.sha256(body).hexdigest()
+    return None
+
+
 async def read_whole(request: Any, limit: int, timeout_s: float) -> bytes | Rejection:
     """The whole request body, read within `timeout_s` (http.body_timeout_s) and at
     most `limit` bytes, or the refusal saying which bound it broke. Every stage that
@@ -166,12 +178,10 @@ class ReadBody:
             return Rejection(415, "unsupported_content_encoding", "policy reads this body, so it must be sent "
                              f"uncompressed (Content-Encoding: {encoding[:40]})")
 
-        body = await read_whole(request, limit, self.timeout_s)
-        if body.__class__ is Rejection:
-            return body  # type: ignore[return-value]
-        call.body = body
-        call.body_size = len(body)
-        call.body_sha256 = hashlib.sha256(body).hexdigest()
+        rejection = await buffer_body(call, self.timeout_s)
+        if rejection is not None:
+            return rejection
+        body = call.body
         if body:
             call.body_json, problem = parse_json(body)
             if problem is not None:

@@ -51,7 +51,7 @@ from ..mcp import (
 )
 from ..pipeline import Call, Handoff, Rejection, UpstreamError
 from ..upstream import SMALL_RESPONSE
-from .body import read_whole
+from .body import buffer_body
 
 log = logging.getLogger("regate.mcp")
 
@@ -721,12 +721,10 @@ async def _pipe(call: Call, resp: aiohttp.ClientResponse, out: web.StreamRespons
 async def _read_body(call: Call, timeout_s: float) -> Rejection | None:
     """Buffer and parse the body when read_body did not (no stage asked it to),
     with read_body's bounds: the tool's max_body_bytes, http.body_timeout_s."""
-    body = await read_whole(call.request, call.tool.max_body_bytes, timeout_s)
-    if body.__class__ is Rejection:
-        return body  # type: ignore[return-value]
-    call.body = body
-    call.body_size = len(body)
-    call.body_sha256 = hashlib.sha256(body).hexdigest()
+    rejection = await buffer_body(call, timeout_s)
+    if rejection is not None:
+        return rejection
+    body = call.body
     if body:
         try:
             call.body_json = orjson.loads(body)

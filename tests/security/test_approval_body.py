@@ -14,7 +14,7 @@ import pytest
 
 from tests.security.conftest import _parse_one, assert_error, audit_for, exchange, request
 from tests.security.test_slow_clients import trickle
-from tests.support.procs import RegateProcess, start_upstream
+from tests.support.procs import RegateProcess
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,14 +33,7 @@ approval := {"required": true, "reason": "the vault needs a human"} if {
 
 
 @pytest.fixture(scope="module")
-def upstream_url():
-    proc, url = start_upstream()
-    yield url
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def regate(upstream_url, keys_file, tmp_path_factory):
+def regate(upstream, keys_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("approval-body")
     (tmp / "rego").mkdir()
     (tmp / "data").mkdir()
@@ -48,7 +41,7 @@ def regate(upstream_url, keys_file, tmp_path_factory):
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": str(tmp / "rego"), "data": str(tmp / "data")},
-        "tools": [{"name": "vault", "upstream": upstream_url, "timeout_ms": 5000}],
+        "tools": [{"name": "vault", "upstream": upstream, "timeout_ms": 5000}],
         "limits": {"enabled": False},
         "approvals": {"mode": "async"},
         "http": {"body_timeout_s": BODY_TIMEOUT_S, "shutdown_grace_s": 1},
@@ -64,8 +57,8 @@ def _get(url: str, headers: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-def test_a_trickled_body_of_a_call_needing_approval_is_cut_with_408(regate, upstream_url):
-    calls_before = _get(upstream_url + "/_count")["calls"]
+def test_a_trickled_body_of_a_call_needing_approval_is_cut_with_408(regate, upstream):
+    calls_before = _get(upstream + "/_count")["calls"]
     head = request("POST", "/tools/vault/put", content_type="application/octet-stream",
                    headers=[("Content-Length", "100000")])
     # One byte every 0.2 s, for 3 s: never idle for long, never done. The answer must
@@ -80,7 +73,7 @@ def test_a_trickled_body_of_a_call_needing_approval_is_cut_with_408(regate, upst
     # and the refusal is recorded.
     pending = _get(regate.admin_url + "/admin/approvals?state=pending", regate.admin_headers)["approvals"]
     assert pending == [], pending
-    assert _get(upstream_url + "/_count")["calls"] == calls_before
+    assert _get(upstream + "/_count")["calls"] == calls_before
     recs = audit_for(regate.audit_dir, err["decision_id"], "decision")
     assert [r["code"] for r in recs] == ["body_timeout"], recs
 
