@@ -4,8 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+ENGINE ?= embedded
 
-.PHONY: demo test bench fuzz venv clean
+# The real OPA, built from source once and kept in the checkout (.tools/, ignored
+# by git): the `opa` engine's tests, the conformance corpus and `make demo
+# ENGINE=opa` run it. Tests find it through REGATE_OPA.
+OPA_VERSION := 1.22.4
+TOOLS := $(CURDIR)/.tools
+OPA := .tools/bin/opa
+REGATE_OPA ?= $(CURDIR)/$(OPA)
+export REGATE_OPA
+
+.PHONY: demo test bench fuzz venv opa clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { \
@@ -20,10 +30,25 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python examples/demo.py $(ARGS)
+# Reuses the binary when it is there at the right version (a 20 ms check), or
+# REGATE_OPA when that names another executable; otherwise `go install` with GOPATH, GOBIN and GOCACHE inside .tools/
+# (-modcacherw, so that rm -rf / make clean can remove the module cache).
+opa:
+	@if [ "$(REGATE_OPA)" != "$(CURDIR)/$(OPA)" ] && [ -x "$(REGATE_OPA)" ]; then :; \
+	elif [ -x $(OPA) ] && $(OPA) version 2>/dev/null | grep -qx 'Version: $(OPA_VERSION)'; then :; else \
+	  command -v go >/dev/null 2>&1 || { echo "make: Go is not installed: it is needed once, to build the real OPA" \
+	    "v$(OPA_VERSION) into $(OPA) (install Go from https://go.dev/dl/ or your distribution's golang package)"; \
+	    exit 1; }; \
+	  echo "building OPA v$(OPA_VERSION) from source into $(OPA) (once; a few minutes)"; \
+	  GOPATH=$(TOOLS)/go GOBIN=$(TOOLS)/bin GOCACHE=$(TOOLS)/go/cache GOFLAGS=-modcacherw \
+	    go install github.com/open-policy-agent/opa@v$(OPA_VERSION) || exit 1; \
+	fi
 
-test: $(STAMP)
+# The OPA build only when the demo asks OPA (ENGINE=opa).
+demo: $(STAMP) $(if $(filter opa,$(ENGINE)),opa)
+	ENGINE=$(ENGINE) $(BIN)/python examples/demo.py $(ARGS)
+
+test: $(STAMP) opa
 	@sh scripts/ensure-debs.sh redis-server:redis-server wrk:wrk nginx:nginx chromium:chromium
 	$(BIN)/python -m pytest -q $(ARGS)
 
@@ -38,4 +63,4 @@ fuzz: $(STAMP)
 	  -o timeout=0 tests/fuzz tests/security/test_differential.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) audit build *.egg-info
+	rm -rf $(VENV) audit build *.egg-info .tools

@@ -15,8 +15,8 @@ evaluation:
 - `regorus`   the regorus library alone (JSON input in, value out): the floor
               under `embedded`, so the difference is Regate's own cost;
 - `opa-inprocess`  real OPA (opa-golib-python-bindings, in this process);
-- `opa-http`  Regate's `opa` engine over HTTP against the OPA-REST test server
-              (tests/support/opa_rest_server.py), one long-lived session.
+- `opa-http`  Regate's `opa` engine over HTTP against the real OPA server
+              (`opa run --server`, built by `make opa`), one long-lived session.
 
 Each decision is checked against the expected allow/deny before timing starts:
 a benchmark of a policy that does not decide is worthless.
@@ -248,7 +248,7 @@ def run(seconds: float, sizes: list[int], server_cpus: str | None) -> dict:
             attempt("opa-inprocess", agents, lambda: bench_opa_inprocess(rego, data_doc, agents, seconds))
 
             def over_http() -> dict:
-                proc, url = servers.start_opa_rest_server(f"opa-rest-{agents}", tmp, server_cpus, rego, data)
+                proc, url = servers.start_opa(f"opa-{agents}", tmp, server_cpus, rego, data)
                 try:
                     return asyncio.run(bench_regate_engine("opa-http", "opa", rego, data, agents, seconds, url))
                 finally:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="0.5 s per engine and size instead of 2 s")
     ap.add_argument("--seconds", type=float, help="timed seconds per engine and data size")
     ap.add_argument("--agents", default=None, help="comma-separated data sizes (default: shipped,100000)")
-    ap.add_argument("--server-cpus", help="taskset CPU list for the OPA-REST test server")
+    ap.add_argument("--server-cpus", help="taskset CPU list for the OPA server")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     seconds = args.seconds or (0.5 if args.quick else 2.0)

@@ -1,6 +1,6 @@
 """The processes a benchmark run starts: nginx (upstream, direct target, proxy_pass
-target), the aiohttp fallback upstream, the bare proxy, Regate and the OPA-REST
-test server, each pinned to its CPU set with taskset and stopped by pid.
+target), the aiohttp fallback upstream, the bare proxy, Regate and the real OPA
+(`opa run --server`), each pinned to its CPU set with taskset and stopped by pid.
 
 Every process writes its output to a log file in the run's temp dir (a pipe
 that nobody reads would block a chatty server mid-benchmark); when a process
@@ -237,14 +237,22 @@ def start_bare_proxy(name: str, tmp: Path, cpus: str | None, upstream: str) -> t
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_opa_rest_server(name: str, tmp: Path, cpus: str | None, rego: Path, data: Path) -> tuple[Proc, str]:
-    script = ROOT / "tests/support/opa_rest_server.py"
-    if not script.exists():
-        raise StartError(f"{script.relative_to(ROOT)} does not exist yet (the `opa` engine's test server)")
+def start_opa(name: str, tmp: Path, cpus: str | None, rego: Path, data: Path) -> tuple[Proc, str]:
+    """The real OPA (`opa run --server`, the binary `make opa` builds or $REGATE_OPA) serving
+    `rego` and `data` mounted as Regate mounts them (tests/support/opa_server.py knows how)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.support.opa_server import OpaMissing, opa_binary, shipped_paths
+
+    try:
+        binary = opa_binary()
+    except OpaMissing as exc:
+        raise StartError(str(exc)) from None
     port = free_port()
-    proc = Proc(name, [sys.executable, str(script), "--port", str(port), "--rego", str(rego), "--data", str(data)],
-                tmp / f"{name}.log", cpus)
-    proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+    cmd = [binary, "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error",
+           "--skip-version-check", "--shutdown-grace-period", "1", *shipped_paths(rego, data)]
+    proc = Proc(name, cmd, tmp / f"{name}.log", cpus)
+    proc.wait_http(f"http://127.0.0.1:{port}/health", timeout=60, want_status=200)
     return proc, f"http://127.0.0.1:{port}"
 
 

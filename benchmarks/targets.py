@@ -3,7 +3,7 @@ the Regate configurations behind `regate-passthrough`, `regate-full` and
 `regate-opa`.
 
 CPU layout on this 2-core machine: every target runs alone on core 0; wrk,
-the upstream nginx (and the OPA-REST server for `regate-opa`) share core 1.
+the upstream nginx (and the OPA server for `regate-opa`) share core 1.
 So a target never competes with the load generator for its core, and every
 target gets the same single core. `direct` is a second copy of the upstream
 pinned to core 0 like any other target, so "added latency" (target p50 −
@@ -223,7 +223,7 @@ def start_regate(ctx: Context, name: str, variant: str, workers: int = 1, rego: 
 
 
 def _start_opa(ctx: Context) -> Running:
-    opa, opa_url = servers.start_opa_rest_server("opa-rest", ctx.tmp, ctx.layout.aux, ctx.rego, ctx.data)
+    opa, opa_url = servers.start_opa("opa", ctx.tmp, ctx.layout.aux, ctx.rego, ctx.data)
     return start_regate(ctx, "regate-opa", "opa", aux=[opa], opa_url=opa_url)
 
 
@@ -246,7 +246,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("regate-full", "Regate, the real configuration: API key, shipped policy on the embedded engine, "
            "limits, breakers, audit (fsync interval), metrics",
            lambda ctx: start_regate(ctx, "regate-full", "full")),
-    Target("regate-opa", "as regate-full, with the `opa` engine against the OPA-REST test server "
+    Target("regate-opa", "as regate-full, with the `opa` engine against the real OPA (opa run --server) "
            "(policy.timeout_ms 1000)", _start_opa),
     Target("regate-full-redis", "as regate-full, with rate limits and budgets in a real redis-server "
            "(limits.store: redis)", _start_full_redis),

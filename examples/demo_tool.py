@@ -1,11 +1,12 @@
 """The demo tool server Regate fronts in `make demo`: four small tools.
 
-Nothing here does anything real: `shell` reports the command it would run,
+Nothing here does anything real: `shell` reports the argv it would run,
 `payments` the transfer it would make. Run: `python examples/demo_tool.py PORT`.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from aiohttp import web
@@ -24,8 +25,18 @@ async def search(request: web.Request) -> web.Response:
 
 
 async def shell(request: web.Request) -> web.Response:
+    # A shell tool should run the argv, never hand the string to a shell: the
+    # shipped policy (rego/tools/shell.rego) judges exactly these words.
     args = await _args(request)
-    return web.json_response({"tool": "shell", "would_run": args.get("command"), "exit_code": 0})
+    command = args.get("command")
+    if not isinstance(command, str):
+        return web.json_response({"tool": "shell", "error": "'command' must be a string"}, status=400)
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        return web.json_response({"tool": "shell", "error": f"cannot split the command: {exc}"}, status=400)
+    # Here it would be: subprocess.run(argv, shell=False, cwd="/workspace", timeout=...)
+    return web.json_response({"tool": "shell", "would_run": argv, "exit_code": 0})
 
 
 async def files(request: web.Request) -> web.Response:

@@ -1,12 +1,13 @@
 """The admin plane: health, readiness, metrics and operator actions, on its own port.
 
-`/admin/*` requires `Authorization: Bearer <admin.token>` when a token is
-configured; health and metrics stay open for probes and scrapers.
+`/admin/*` requires `Authorization: Bearer <token>`: `admin.token` (every role) or
+one of `admin.tokens`, whose role must allow the request (proxy/identity/operators:
+viewer reads, approver decides approvals, operator reloads and resets). Health and
+metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .approvals import add_admin_routes
+from .identity.operators import OPERATOR_KEY, OperatorTokens, required_role
 from .observability.api import add_routes as add_observability_routes
 
 if TYPE_CHECKING:
@@ -32,23 +34,27 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 def admin_app(regate: "Regate") -> web.Application:
     app = web.Application()
-    token = regate.cfg.admin.token
-
-    expected = f"Bearer {token}".encode() if token else None
+    operators = OperatorTokens(regate.cfg.admin)
 
     @web.middleware
     async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
         # Health and metrics stay open for probes and scrapers; every operator
-        # action needs the token, and without a configured token there is none.
+        # action needs a token, and without a configured token there is none.
         # The inbox page itself holds no data (everything it shows comes from
         # /admin/approvals* with the token), so a browser may open it directly.
         if request.path.startswith("/admin/") and not (
                 request.method == "GET" and request.path == "/admin/ui/approvals"):
-            if expected is None:
-                return _error(401, "unauthenticated", "the admin API is disabled: set admin.token in regate.yaml")
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthenticated", "admin API needs Authorization: Bearer <admin.token>")
+            if not operators.enabled:
+                return _error(401, "unauthenticated",
+                              "the admin API is disabled: set admin.token or admin.tokens in regate.yaml")
+            operator = operators.lookup(request.headers.get("Authorization"))
+            if operator is None:
+                return _error(401, "unauthenticated", "admin API needs Authorization: Bearer <admin token>")
+            role = required_role(request.method, request.path)
+            if not operator.may(role):
+                return _error(403, "forbidden", f"operator {operator.name} has roles "
+                              f"{', '.join(sorted(operator.roles))}; this needs {role}")
+            request[OPERATOR_KEY] = operator
         return await handler(request)
 
     app.middlewares.append(require_token)
@@ -58,10 +64,13 @@ def admin_app(regate: "Regate") -> web.Application:
 
     async def readyz(request: web.Request) -> web.Response:
         problems = list(regate.ready_problems)
+        identity = getattr(regate, "authenticator", None)
+        if identity is not None:
+            problems += identity.problems()  # an issuer whose keys went stale: its tokens are refused
         recorder = regate.recorder
         if recorder is not None and not getattr(recorder, "healthy", True):
             problems.append(f"audit: {getattr(recorder, 'problem', 'unwritable')}")
-        warnings = []
+        warnings = identity.warnings() if identity is not None else []
         stores = regate.limit_stores
         # probe(): a replica taken out of rotation gets no calls to test Redis with.
         if stores is not None and not await stores.probe():
@@ -88,14 +97,26 @@ def admin_app(regate: "Regate") -> web.Application:
         return web.Response(body=regate.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def reload(request: web.Request) -> web.Response:
-        ok, detail = await regate.reload()
-        if ok and os.environ.get("REGATE_SUPERVISOR_PID"):
+        report = await regate.reload()
+        if report["reloaded"] and os.environ.get("REGATE_SUPERVISOR_PID"):
             # Under --workers N the other workers reload on the supervisor's SIGHUP.
             os.kill(int(os.environ["REGATE_SUPERVISOR_PID"]), signal.SIGHUP)
-        if ok:
-            return _json({"reloaded": True, "revision": detail})
-        return _json({"reloaded": False, "revision": regate.engine.revision,
-                      "error": {"code": "reload_failed", "message": detail}}, 422)
+        if report["reloaded"]:
+            return _json(report)
+        errors = [e for e in (report["policy"].get("error"), report["credentials"].get("error")) if e]
+        return _json({**report, "error": {"code": "reload_failed", "message": "\n".join(errors)}}, 422)
+
+    async def whoami(request: web.Request) -> web.Response:
+        op = request[OPERATOR_KEY]
+        return _json({"name": op.name, "roles": sorted(op.roles), "verified": op.verified})
+
+    async def status(request: web.Request) -> web.Response:
+        dl = regate.decision_logs
+        return _json({
+            "worker": regate.worker_index,
+            "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
+            "decision_logs": dl.status() if dl is not None else {"enabled": False},
+        })
 
     async def gpu(request: web.Request) -> web.Response:
         controller = regate.gpu.controller if regate.gpu is not None else None
@@ -122,8 +143,10 @@ def admin_app(regate: "Regate") -> web.Application:
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{tool}/reset", breaker_reset)
     app.router.add_get("/admin/gpu", gpu)
+    app.router.add_get("/admin/status", status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/whoami", whoami)
     return app

@@ -31,7 +31,8 @@ from .stages.breaker import STATE_VALUES, BreakerStage
 from .stages.gpu import GpuAdmission
 from .stages.ratelimit import RateLimit, load_limits_table
 from .stages.body import ReadBody
-from .stages.identify import Identify, load_keys
+from .identity import CredentialsError, build_authenticator
+from .stages.identify import Identify
 from .stages.policy import PolicyStage
 from .upstream import Forwarder
 
@@ -54,6 +55,8 @@ class Regate:
         self.approvals: Any = None
         self.ratelimit: RateLimit | None = None
         self.engine: Engine = build_engine(cfg)
+        self.authenticator = self._authenticator()
+        self.listener_tls = self._listener_tls()
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers(),
                                    body_idle_timeout_s=cfg.http.body_idle_timeout_s)
         self.audit: AuditLog | None = None
@@ -69,37 +72,69 @@ class Regate:
         self.pipeline.observer = self.observability.observer
         if self.metrics is not None and self.audit is not None:
             self.metrics.watch_audit(self.audit)
+        self.decision_logs = self._decision_logs()
         self.ready_problems: list[str] = []
         self._runners: list[web.BaseRunner] = []
         self._reload_lock = asyncio.Lock()
 
+    def _decision_logs(self) -> Any:
+        """OPA-format decision logs (proxy/decisionlogs) when decision_logs.url is set; else None."""
+        dl = self.cfg.decision_logs
+        if dl.url is None:
+            return None
+        if self.policy is None:
+            log.warning("decision_logs: policy.engine is off, so there are no decisions to log")
+            return None
+        from .decisionlogs import DecisionLogger
+
+        logger = DecisionLogger(dl, decision_path=self.cfg.policy.decision, engine_name=self.engine.name)
+        self.policy.decision_log = logger
+        if self.metrics is not None:
+            self.metrics.watch_decision_logs(logger)
+        return logger
+
     def _credential_headers(self) -> tuple[str, ...]:
-        # With real auth, an X-Agent-Id from the agent is a claim Regate did not make: it never reaches a tool.
-        return (self.cfg.auth.header, "X-Agent-Id") if self.cfg.auth.mode == "api_key" else ()
+        # With real auth, an X-Agent-Id from the agent is a claim Regate did not make: it never reaches
+        # a tool, and neither do the credentials Regate verified (API key, bearer token).
+        if self.authenticator is None:
+            return ()
+        return (*self.authenticator.credential_headers, "X-Agent-Id")
+
+    def _authenticator(self) -> Any:
+        """The identity sources of auth (proxy/identity); None for mode none."""
+        auth = self.cfg.auth
+        if not auth.source_names:
+            log.warning("auth.mode is none: X-Agent-Id is trusted as sent. Use this for demos only.")
+            return None
+        try:
+            return build_authenticator(auth, self.cfg.path)
+        except CredentialsError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _listener_tls(self) -> dict[str, Any]:
+        """TLS of the data ("tls") and admin ("admin.tls") listeners that have it."""
+        from .identity.tls import ListenerTls
+
+        out = {}
+        for where, section in (("tls", self.cfg.tls), ("admin.tls", self.cfg.admin.tls)):
+            if section is not None:
+                try:
+                    out[where] = ListenerTls(section, self.cfg.path, where)
+                except CredentialsError as exc:
+                    raise StartupError(str(exc)) from None
+        return out
 
     def _stages(self) -> list[Stage]:
         cfg = self.cfg
-        keys = None
-        if cfg.auth.mode == "api_key":
-            if not cfg.auth.keys:
-                raise StartupError("auth.keys: required when auth.mode is api_key")
-            from .stages.identify import KeysFileError
-
-            try:
-                keys = load_keys(cfg.path(cfg.auth.keys))
-            except KeysFileError as exc:
-                raise StartupError(str(exc)) from None
-        else:
-            log.warning("auth.mode is none: X-Agent-Id is trusted as sent. Use this for demos only.")
         from .stages.route import Route
 
         stages: list[Stage] = [
-            Identify(cfg.auth.mode, cfg.auth.header, keys),
+            Identify(self.authenticator),
             Route(cfg.tools),
             # The body is read when a stage reads it: the policy, or the loop guard
             # (which tells calls apart by their arguments).
             ReadBody(needs_body=cfg.policy.engine != "off" or self._loop_guard_on(),
-                     timeout_s=cfg.http.body_timeout_s),
+                     timeout_s=cfg.http.body_timeout_s, judged=cfg.policy.engine != "off"),
         ]
         if cfg.http.max_concurrent_per_agent:
             from .stages.concurrency import AgentConcurrency
@@ -107,6 +142,10 @@ class Regate:
             stages.append(AgentConcurrency(cfg.http.max_concurrent_per_agent))
         if cfg.policy.engine != "off":
             self.policy = PolicyStage(cfg, self.engine, self.metrics or Metrics())
+            if self.authenticator is not None:
+                # Every source's credential header (a custom jwt.header too) is a secret the policy is not shown.
+                creds = frozenset(h.lower() for h in self.authenticator.credential_headers)
+                self.policy.hidden_headers = {t: h | creds for t, h in self.policy.hidden_headers.items()}
             stages.append(self.policy)
         if cfg.limits.enabled:
             stages.append(self._ratelimit_stage())
@@ -195,6 +234,11 @@ class Regate:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        if self.authenticator is not None:
+            try:
+                await self.authenticator.start()  # JWKS files read, JWKS URLs fetched once
+            except CredentialsError as exc:
+                raise StartupError(str(exc)) from None
         try:
             await self.engine.start()
         except BundleError as exc:
@@ -210,7 +254,12 @@ class Regate:
             await self._start_gpu()
         if self.approvals is not None:
             await self.approvals.start()
-        await self.forwarder.start()
+        try:
+            await self.forwarder.start()
+        except CredentialsError as exc:  # a tool's tls files
+            raise StartupError(str(exc)) from None
+        if self.decision_logs is not None:
+            await self.decision_logs.start()
 
     async def close(self) -> None:
         if self.approvals is not None:
@@ -219,37 +268,67 @@ class Regate:
             self.gpu.controller.close()
             await self.gpu.controller.view.stop()
         await self.forwarder.close()
+        if self.authenticator is not None:
+            await self.authenticator.close()
         await self.engine.close()
         if self.limit_stores is not None:
             await self.limit_stores.aclose()
         if self.audit is not None:
             await self.audit.close()  # writes the closing checkpoint
         await self.observability.close()  # flushes spans still queued for export
+        if self.decision_logs is not None:
+            await self.decision_logs.close()  # one last upload of what is buffered, bounded by timeout_s
 
-    async def reload(self) -> tuple[bool, str]:
-        """Recompile the policy bundle; on any failure the old one keeps serving."""
+    async def reload(self) -> dict[str, Any]:
+        """Reload the policy bundle and the credentials (keys.yaml, JWKS files, TLS
+        certificates), each all or nothing: on any failure the old one keeps serving.
+        Returns what was reloaded: {"reloaded", "revision", "policy", "credentials"}."""
         async with self._reload_lock:
-            try:
-                table = None
-                if self.ratelimit is not None:
-                    try:
-                        table = load_limits_table(self.cfg.path(self.cfg.policy.data))
-                    except LimitsError as exc:
-                        raise BundleError([str(exc)]) from None
-                revision = await self.engine.reload()
-                if table is not None:
-                    self.ratelimit.table = table
-            except BundleError as exc:
-                if self.metrics is not None:
-                    self.metrics.reloads.labels("error").inc()
-                msg = "\n".join(getattr(exc, "problems", None) or [str(exc)])
-                log.error("policy reload failed, still serving %s:\n%s", self.engine.revision, msg)
-                return False, msg
+            ok, detail = await self._reload_policy()
+            creds = self._reload_credentials()
+            policy: dict[str, Any] = {"reloaded": ok, "revision": self.engine.revision}
+            if not ok:
+                policy["error"] = detail
+            return {"reloaded": ok and creds["reloaded"], "revision": self.engine.revision,
+                    "policy": policy, "credentials": creds}
+
+    def _reload_credentials(self) -> dict[str, Any]:
+        """Every credential file read and checked first; then all swapped in one step (no await)."""
+        try:
+            staged = self.authenticator.prepare_reload() if self.authenticator is not None else []
+            contexts = [(tls, tls.prepare()) for tls in self.listener_tls.values()]
+        except CredentialsError as exc:
+            log.error("credentials reload failed, the old ones stay in use:\n%s", exc)
+            return {"reloaded": False, "error": str(exc), "what": []}
+        what = self.authenticator.commit_reload(staged) if self.authenticator is not None else []
+        what += [tls.commit(ctx) for tls, ctx in contexts]
+        if what:
+            log.info("credentials reloaded: %s", "; ".join(what))
+        return {"reloaded": True, "what": what}
+
+    async def _reload_policy(self) -> tuple[bool, str]:
+        """Recompile the policy bundle; on any failure the old one keeps serving."""
+        try:
+            table = None
+            if self.ratelimit is not None:
+                try:
+                    table = load_limits_table(self.cfg.path(self.cfg.policy.data))
+                except LimitsError as exc:
+                    raise BundleError([str(exc)]) from None
+            revision = await self.engine.reload()
+            if table is not None:
+                self.ratelimit.table = table
+        except BundleError as exc:
             if self.metrics is not None:
-                self.metrics.reloads.labels("ok").inc()
-                self.metrics.set_revision(revision)
-            log.info("policy reloaded: revision %s", revision)
-            return True, revision
+                self.metrics.reloads.labels("error").inc()
+            msg = "\n".join(getattr(exc, "problems", None) or [str(exc)])
+            log.error("policy reload failed, still serving %s:\n%s", self.engine.revision, msg)
+            return False, msg
+        if self.metrics is not None:
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.set_revision(revision)
+        log.info("policy reloaded: revision %s", revision)
+        return True, revision
 
     def data_server(self) -> web.Server:
         from .ingress import IngressServer
@@ -286,14 +365,18 @@ class Regate:
         data_runner = web.ServerRunner(self.data_server(), shutdown_timeout=grace, handle_signals=False)
         await data_runner.setup()
         self._runners.append(data_runner)
-        await web.TCPSite(data_runner, host, port, reuse_port=reuse_port, backlog=1024).start()
+        data_tls = self.listener_tls.get("tls")
+        await web.TCPSite(data_runner, host, port, reuse_port=reuse_port, backlog=1024,
+                          ssl_context=data_tls.context if data_tls is not None else None).start()
         if with_admin:
             admin_runner = web.AppRunner(self.admin_app(), shutdown_timeout=grace, handle_signals=False,
                                          access_log=None)
             await admin_runner.setup()
             self._runners.append(admin_runner)
             ahost, aport = self.cfg.admin_addr
-            await web.TCPSite(admin_runner, ahost, aport, reuse_port=reuse_port).start()
+            admin_tls = self.listener_tls.get("admin.tls")
+            await web.TCPSite(admin_runner, ahost, aport, reuse_port=reuse_port,
+                              ssl_context=admin_tls.context if admin_tls is not None else None).start()
         log.info(
             "regate worker %d (pid %d) serving %s:%d, admin %s, engine %s, policy revision %s, tools: %s",
             self.worker_index, os.getpid(), host, port, self.cfg.admin.listen if with_admin else "off",

@@ -81,6 +81,38 @@ class Tool(_Section):
     gpu: GpuDemand = GpuDemand()
     fail_open: bool = False
     policy_mode: Literal["enforce", "shadow"] | None = None
+    # What the tool reads, so the policy judges exactly that (README "One representation").
+    # Methods and body media types the tool takes (null: any); others are 405 / 415
+    # before the policy runs.
+    methods: list[str] | None = None
+    content_types: list[str] | None = None
+    # Where the tool reads its arguments: a JSON body, the query string, or both (then a
+    # key in both, or twice in the query, is refused as ambiguous).
+    arguments: Literal["body", "query", "both"] = "both"
+    # arguments: body and the query carries keys anyway: refuse the call, or forward it
+    # without the query.
+    unexpected_query: Literal["refuse", "strip"] = "refuse"
+    # A query key given twice: refused (frameworks take the first, the last or all), or
+    # judged as the list of every value.
+    repeated_query_keys: Literal["refuse", "list"] = "refuse"
+    # arguments: body | both, and a body the policy cannot read (not JSON: text/plain, no
+    # Content-Type, octet-stream…): refused (some tools parse JSON whatever the type), or
+    # forwarded unread (uploads, files).
+    unread_body: Literal["refuse", "forward"] = "refuse"
+    # Media types read as JSON (exactly; `application/json` always). Another JSON-looking
+    # type (application/*+json, text/json) is refused unless listed here.
+    json_types: list[str] = ["application/json"]
+    # int64: integers within +-(2**63-1); safe: within +-(2**53-1), for tools that read
+    # JSON numbers as doubles (JavaScript).
+    json_integers: Literal["int64", "safe"] = "int64"
+    # Forward the body as sent, or the canonical JSON the policy judged (orjson's
+    # serialisation of the parsed document, Content-Type: application/json).
+    forward_body: Literal["as_sent", "canonical"] = "as_sent"
+    # Identity and routing headers Regate drops by default (README "Headers a tool
+    # receives") that this tool should get as the agent sent them.
+    pass_headers: list[str] = []
+    # An https upstream's CA, client certificate and name (README "TLS").
+    tls: UpstreamTls | None = None
 
     @field_validator("upstream")
     @classmethod
@@ -99,8 +131,45 @@ class Tool(_Section):
             raise ValueError("must be an absolute path like /tools/search")
         return v.rstrip("/") or "/"
 
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [m for m in v if not re.fullmatch(r"[A-Z]+", m)]
+        if bad:
+            raise ValueError(f"methods are upper-case HTTP method names, got {bad!r}")
+        return v
+
+    @field_validator("content_types", "json_types")
+    @classmethod
+    def _media_types(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        out = []
+        for t in v:
+            t = t.strip().lower()
+            if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", t):
+                raise ValueError(f"{t!r} is not a media type like application/json (no parameters)")
+            out.append(t)
+        return out
+
+    @field_validator("pass_headers")
+    @classmethod
+    def _pass_headers(cls, v: list[str]) -> list[str]:
+        from .forwarded_headers import IDENTITY_HEADERS
+
+        low = [h.strip().lower() for h in v]
+        unknown = [h for h in low if h not in IDENTITY_HEADERS]
+        if unknown:
+            raise ValueError(f"{unknown!r} are forwarded anyway; pass_headers names dropped headers: "
+                             f"{', '.join(sorted(IDENTITY_HEADERS))}")
+        return low
+
     @model_validator(mode="after")
     def _default_prefix(self) -> "Tool":
+        if "application/json" not in self.json_types:
+            object.__setattr__(self, "json_types", ["application/json", *self.json_types])
         if self.prefix is None and self.host is None:
             object.__setattr__(self, "prefix", f"/tools/{self.name}")
         if self.mcp is not None and self.protocol != "mcp":
@@ -112,14 +181,32 @@ class Tool(_Section):
 
 class Admin(_Section):
     listen: str = "127.0.0.1:8081"
+    # One full-rights token (every role), shared by whoever holds it: the approver's
+    # name then comes from the request, unverified. Prefer `tokens`.
     token: str | None = None
+    # Named operator tokens with roles (README "Operators"): the name is what the audit
+    # and the inbox show for an approval.
+    tokens: list[AdminToken] = []
+    tls: ListenerTls | None = None
+
+    @model_validator(mode="after")
+    def _unique_operators(self) -> "Admin":
+        names = [t.name for t in self.tokens]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"admin.tokens: duplicate names {dup!r}: each operator has one name")
+        return self
 
 
 class Auth(_Section):
-    mode: Literal["none", "api_key"] = "api_key"
+    # One identity source; `sources` lists several, tried in order (README "Identity").
+    mode: Literal["none", "api_key", "jwt", "mtls"] = "api_key"
+    sources: list[Literal["api_key", "jwt", "mtls"]] | None = None
+    # api_key: the header, and the file mapping sha256(key) -> agent id (relative to the config file).
     header: str = "X-Api-Key"
-    # File mapping sha256(key) -> agent id; relative to the config file.
     keys: str | None = "keys.yaml"
+    jwt: JwtAuth | None = None
+    mtls: MtlsAuth | None = None
 
     @field_validator("header")
     @classmethod
@@ -128,6 +215,35 @@ class Auth(_Section):
         if not re.fullmatch(r"[A-Za-z0-9-]+", v):
             raise ValueError("must be a header name of letters, digits and '-' (no '_')")
         return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("list each of api_key, jwt, mtls at most once, at least one")
+        return v
+
+    @model_validator(mode="after")
+    def _source_settings(self) -> "Auth":
+        if self.sources is not None and self.mode == "none" and "mode" in self.model_fields_set:
+            raise ValueError("auth: mode none trusts X-Agent-Id; it cannot be combined with sources")
+        names = self.source_names
+        if "jwt" in names and self.jwt is None:
+            raise ValueError("auth.jwt: required when auth uses jwt (issuers, audiences, jwks)")
+        if "mtls" in names and self.mtls is None:
+            raise ValueError("auth.mtls: required when auth uses mtls (trust_domains, agents)")
+        if "api_key" in names and not self.keys:
+            raise ValueError("auth.keys: required when auth uses api_key")
+        if self.jwt is not None and "api_key" in names and self.jwt.header.lower() == self.header.lower():
+            raise ValueError(f"auth.jwt.header: {self.header} already carries the API key")
+        return self
+
+    @property
+    def source_names(self) -> list[str]:
+        """The identity sources, in the order they are tried; [] for mode none."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [] if self.mode == "none" else [self.mode]
 
 
 class HttpLimits(_Section):
@@ -163,6 +279,18 @@ class Policy(_Section):
     timeout_ms: int = Field(50, gt=0)
     mode: Literal["enforce", "shadow"] = "enforce"
     opa: OpaServer = OpaServer()
+    # Embedded engine. What the policy reads of a call (the input cut down to the
+    # fields its rules name, as JSON) past this size is refused, 413
+    # policy_input_too_large, before it is evaluated (regorus reads dense JSON at
+    # ~35 ms per MiB here: much more could not be judged within timeout_ms).
+    max_input_bytes: int = Field(2 << 20, gt=0)
+    # Inputs up to this size are evaluated on the event loop (the hot path, no
+    # process hop); larger ones in a worker process under timeout_ms, so a huge
+    # call cannot hold up other agents' calls (regorus never releases the GIL).
+    inline_input_bytes: int = Field(16 << 10, ge=0)
+    # Worker processes for those larger inputs; 0: every input on the event loop
+    # (then an evaluation over timeout_ms is refused only once it has finished).
+    eval_processes: int = Field(1, ge=0)
 
     @field_validator("decision")
     @classmethod
@@ -281,10 +409,232 @@ class Observability(_Section):
     log_format: Literal["text", "json"] = "text"
 
 
+class DecisionLogs(_Section):
+    """OPA-format decision logs uploaded to a collector (README "Decision logs"); no url: off, no cost."""
+
+    # The service: batches go to POST <url><resource>, as OPA's decision_logs plugin sends them.
+    url: str | None = None
+    resource: str = "/logs"
+    headers: dict[str, str] = {}            # e.g. Authorization: Bearer ${LOGS_TOKEN}
+    labels: dict[str, str] = {}             # added to `id` (instance) and `version`
+    bundle: str = "regate"                  # the name in bundles.<name>.revision
+    batch_max_bytes: int = Field(256 << 10, ge=512)   # one upload's JSON array, before gzip
+    flush_s: float = Field(5.0, gt=0)                 # a partial batch waits at most this long
+    buffer_max_bytes: int = Field(16 << 20, ge=1024)  # past it the oldest events are dropped (counted)
+    timeout_s: float = Field(10.0, gt=0)
+    backoff_min_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    # JSON pointers removed before an event leaves (/input/request/headers/x-secret), or
+    # {op: upsert, path, value} objects; OPA's system.log.mask rules, given statically.
+    mask: list[Any] = []
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
+
+    @field_validator("resource")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"a path starting with '/', like /logs, got {v!r}")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if "id" in v or "version" in v:
+            raise ValueError("id and version are set by Regate (instance id, Regate version)")
+        return v
+
+    @field_validator("mask")
+    @classmethod
+    def _mask(cls, v: list[Any]) -> list[Any]:
+        from .decisionlogs.mask import MaskError, parse_rules
+
+        try:
+            parse_rules(v)
+        except MaskError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+# ---- identity and transport (README "Identity", "TLS")
+
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+ASYMMETRIC_ALGORITHMS: list[str] = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                                    "EdDSA"]
+
+
+def _http_url(v: str | None, what: str) -> str | None:
+    if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+        raise ValueError(f"{what}: not an http(s) URL: {v!r}")
+    return v
+
+
+class Jwks(_Section):
+    """Where an issuer's signing keys come from: a JWKS URL, a file, or OIDC discovery."""
+
+    url: str | None = None
+    file: str | None = None
+    # jwks_uri from <issuer>/.well-known/openid-configuration.
+    discovery: bool = False
+    # CA bundle for the URL (e.g. the cluster CA), and a file holding a bearer token for it
+    # (e.g. the pod's own service-account token), re-read on every fetch.
+    ca: str | None = None
+    token_file: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    # The background refresh follows the answer's Cache-Control max-age, within these bounds
+    # (no max-age: refresh_max_s); a failed fetch is retried every refresh_min_s.
+    refresh_min_s: float = Field(60.0, gt=0)
+    refresh_max_s: float = Field(3600.0, gt=0)
+    # Keys last fetched longer ago than this are not used: tokens of this issuer are
+    # refused (503) and /readyz says why. Fail closed, not open.
+    stale_after_s: float = Field(86_400.0, gt=0)
+    # A token naming a kid the cached set lacks triggers one refresh, at most this often.
+    unknown_kid_interval_s: float = Field(30.0, ge=0)
+    max_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return _http_url(v, "jwks.url")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "Jwks":
+        given = [k for k in ("url", "file") if getattr(self, k)] + (["discovery"] if self.discovery else [])
+        if len(given) != 1:
+            raise ValueError(f"jwks: set exactly one of url, file or discovery: true (got {given or 'none'})")
+        if self.refresh_min_s > self.refresh_max_s:
+            raise ValueError("jwks.refresh_min_s: must not exceed refresh_max_s")
+        return self
+
+
+class JwtIssuer(_Section):
+    """One token issuer: an OIDC provider, or a Kubernetes cluster's service-account issuer."""
+
+    issuer: str                       # the exact `iss` of its tokens
+    audiences: list[str] = Field(min_length=1)   # the token's `aud` must name one of these
+    jwks: Jwks
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: list(ASYMMETRIC_ALGORITHMS), min_length=1)
+    # The claim that is the agent id; `kubernetes: true` takes namespace/name from the
+    # `kubernetes.io` claim of a service-account token instead.
+    agent_claim: str = "sub"
+    kubernetes: bool = False
+    # Claims a token must carry (besides iss, aud and the agent claim).
+    required_claims: list[str] = ["exp"]
+    # Clock skew allowed on exp, nbf and iat.
+    leeway_s: float = Field(30.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _discovery_needs_url(self) -> "JwtIssuer":
+        if self.jwks.discovery:
+            _http_url(self.issuer, "issuer (discovery: true reads <issuer>/.well-known/openid-configuration)")
+        return self
+
+
+class JwtAuth(_Section):
+    # Where the token comes from: `Authorization: Bearer <jwt>` by default; another
+    # header carries the bare token (scheme: null) or `<scheme> <jwt>`.
+    header: str = "Authorization"
+    scheme: str | None = "Bearer"
+    max_token_bytes: int = Field(8192, ge=256)
+    issuers: list[JwtIssuer] = Field(min_length=1)
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", v):
+            raise ValueError("must be a header name of letters, digits and '-' (no '_')")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_issuers(self) -> "JwtAuth":
+        seen = [i.issuer for i in self.issuers]
+        dup = sorted({i for i in seen if seen.count(i) > 1})
+        if dup:
+            raise ValueError(f"auth.jwt.issuers: {dup!r} listed twice; one entry per issuer")
+        return self
+
+
+class MtlsAuth(_Section):
+    """Client certificates on the data listener (tls.client_ca) as identities."""
+
+    # SPIFFE IDs (spiffe://<trust domain>/<path>) are accepted from these trust domains only.
+    trust_domains: list[str] = []
+    # SPIFFE ID, or CN=<common name> for certificates without one, -> agent id.
+    agents: dict[str, str] = {}
+    # A SPIFFE ID of an accepted trust domain that `agents` does not name: refused, or
+    # its path (spiffe://td/ns/a/sa/b -> ns/a/sa/b), or the whole ID, is the agent id.
+    unmapped: Literal["refuse", "path", "id"] = "refuse"
+
+    @field_validator("trust_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        for td in v:
+            if not re.fullmatch(r"[a-z0-9._-]+", td):
+                raise ValueError(f"{td!r} is not a trust domain (lower-case letters, digits, '.', '-', '_'; "
+                                 "no scheme: example.org, not spiffe://example.org)")
+        return v
+
+
+class AdminToken(_Section):
+    """One operator: a name (what the audit shows), a secret, and roles."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
+    # The secret (from the environment: ${ALICE_TOKEN}) or its SHA-256 hex digest.
+    token: str | None = None
+    sha256: str | None = None
+    # viewer: read dashboards and approvals; approver: also approve and deny;
+    # operator: also reload and reset breakers. Approver and operator include viewer.
+    roles: list[Literal["viewer", "approver", "operator"]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "AdminToken":
+        if (self.token is None) == (self.sha256 is None):
+            raise ValueError(f"admin.tokens[{self.name}]: set exactly one of token or sha256")
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError(f"admin.tokens[{self.name}].token: at least 16 characters")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ValueError(f"admin.tokens[{self.name}].sha256: must be 64 hex digits")
+        return self
+
+
+class ListenerTls(_Section):
+    """TLS on a listener. Certificate, key and client CA are re-read on reload (SIGHUP)."""
+
+    cert: str
+    key: str
+    # Require (or accept) client certificates chaining to this CA bundle (mTLS).
+    client_ca: str | None = None
+    client_auth: Literal["require", "optional"] = "require"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class UpstreamTls(_Section):
+    """How Regate reaches an https upstream: its CA, a client certificate, the name to verify."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> "UpstreamTls":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls: cert and key go together (the client certificate and its private key)")
+        return self
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:8080"
     admin: Admin = Admin()
     auth: Auth = Auth()
+    # TLS on the data listener (admin.tls for the admin one).
+    tls: ListenerTls | None = None
     http: HttpLimits = HttpLimits()
     tools: list[Tool] = Field(min_length=1)
     policy: Policy = Policy()
@@ -296,6 +646,7 @@ class Config(_Section):
     metrics: bool = True
     tracing: Tracing = Tracing()
     observability: Observability = Observability()
+    decision_logs: DecisionLogs = DecisionLogs()
     # Directory the file was read from: relative paths in it resolve against this.
     base_dir: str = "."
 
@@ -320,6 +671,21 @@ class Config(_Section):
                     )
                 seen_prefixes[tool.prefix] = i
         _host_port(self.admin.listen, "admin.listen")
+        return self
+
+    @model_validator(mode="after")
+    def _transport(self) -> "Config":
+        if "mtls" in self.auth.source_names and (self.tls is None or self.tls.client_ca is None):
+            raise ValueError("tls.client_ca: required when auth uses mtls (the CA that signs agents' certificates)")
+        for i, tool in enumerate(self.tools):
+            t = tool.tls
+            if t is None:
+                continue
+            if not tool.upstream.startswith("https://"):
+                raise ValueError(f"tools[{i}].tls: the upstream is {tool.upstream}; tls applies to https:// upstreams")
+            # The forwarder knows no base directory: its files are resolved here, once.
+            paths = {k: str(self.path(v)) for k in ("ca", "cert", "key") if (v := getattr(t, k))}
+            object.__setattr__(tool, "tls", t.model_copy(update=paths))
         return self
 
     @property
@@ -375,7 +741,7 @@ def _message(err: dict[str, Any]) -> str:
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
     if err["type"] == "extra_forbidden":
-        return "unknown key (check the spelling against DESIGN.md's regate.yaml)"
+        return "unknown key (check the spelling against docs/configuration.md)"
     if err["type"] == "missing":
         return "required"
     return msg

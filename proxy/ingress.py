@@ -11,7 +11,12 @@ its low-level server lacks on a port that untrusted clients reach:
   timeout's business;
 - the parser's refusals (bad framing, oversized request line or header, too
   many headers) answered in Regate's JSON error shape, counted, and logged at
-  DEBUG only, so a hostile client cannot fill the log.
+  DEBUG only, so a hostile client cannot fill the log;
+- a client that hangs up while its call is at the tool cancels that call (its
+  upstream request, its slot; the audit says `client_disconnected`). aiohttp's
+  own `handler_cancellation` would cancel every stage mid-await, Redis and
+  approval stores included; the pipeline marks the request `HANGUP_CANCELS`
+  when forwarding starts, and only then does a hang-up cancel.
 
 None of these is a call: no agent is known yet, so no stage runs and nothing is
 audited; each refusal is counted in `regate_rejections{stage="http"}`.
@@ -28,7 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from .pipeline import new_decision_id
+from .pipeline import HANGUP_CANCELS, new_decision_id
 
 log = logging.getLogger("regate.http")
 
@@ -100,7 +105,11 @@ class IngressHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        request = self._current_request
+        task = self._task_handler
         super().connection_lost(exc)
+        if task is not None and request is not None and request.get(HANGUP_CANCELS):
+            task.cancel()
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:

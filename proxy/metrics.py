@@ -181,6 +181,10 @@ class Metrics:
         """Expose the audit writer's queue and counters (read at scrape time, nothing per call)."""
         self.registry.register(AuditCollector(audit))
 
+    def watch_decision_logs(self, logger: Any) -> None:
+        """Expose the decision-log uploader's counters (read at scrape time, nothing per call)."""
+        self.registry.register(DecisionLogsCollector(logger))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -208,3 +212,35 @@ class AuditCollector:
         yield CounterMetricFamily("regate_audit_fsyncs", "fsync calls on the audit log", value=stats["fsyncs"])
         yield CounterMetricFamily("regate_audit_write_errors", "Failed writes to the audit log",
                                   value=stats["write_errors"])
+
+
+class DecisionLogsCollector:
+    """The OPA-format decision logs' numbers (proxy/decisionlogs), read when Prometheus scrapes."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        lg = self.logger
+        buf = lg.buffer
+        dropped = CounterMetricFamily("regate_decision_logs_dropped",
+                                      "Decision-log events dropped before reaching the collector, by reason "
+                                      "(buffer_full, too_large, unencodable, shutdown)", labels=["reason"])
+        for reason, n in buf.dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield CounterMetricFamily("regate_decision_logs_events", "Decisions handed to the decision logs",
+                                  value=lg.logged)
+        yield CounterMetricFamily("regate_decision_logs_uploaded_events",
+                                  "Decision-log events the collector accepted (2xx)", value=lg.uploaded)
+        yield CounterMetricFamily("regate_decision_logs_upload_errors",
+                                  "Failed decision-log uploads (error status, connection, timeout)",
+                                  value=lg.upload_errors)
+        yield GaugeMetricFamily("regate_decision_logs_buffered_bytes",
+                                "Bytes of decision-log events waiting for upload",
+                                value=buf.encoded_bytes + buf.pending_bytes)
+        yield GaugeMetricFamily("regate_decision_logs_buffered_events", "Decision-log events waiting for upload",
+                                value=len(buf.encoded) + len(buf.pending))

@@ -13,10 +13,20 @@ batch on an MCP route). Each part then runs the remaining stages as a call of
 its own — its own decision id, limits, breaker, policy, audit record — and the
 handoff's `finish` forwards the admitted parts and builds the one answer.
 Single calls never take that path.
+
+An agent that hangs up while its call is at the tool ends the call at once: the
+data server (proxy/ingress.py) cancels the handler once `HANGUP_CANCELS` is set
+on the request, which happens only when forwarding starts. Stages before that
+notice a hang-up themselves (the body read fails, a held approval is withdrawn)
+or are bounded, and a call whose agent has left is never forwarded. Either way
+every entered stage gets `leave` and the call gets its one audit record with
+code `client_disconnected`: the outcome record when it was allowed, else its
+decision record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -81,6 +91,32 @@ _ID_COUNTER = count(1)
 
 def new_decision_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+# Set on a request (aiohttp's per-request mapping) when its call is being forwarded:
+# from then on a hang-up cancels the handler (proxy/ingress.py).
+try:
+    HANGUP_CANCELS: Any = web.RequestKey("regate.hangup_cancels", bool)
+except AttributeError:  # aiohttp before 3.13: plain keys, which it did not warn about yet
+    HANGUP_CANCELS = "regate.hangup_cancels"
+
+
+def _gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def client_disconnected() -> "Rejection":
+    # 499, nginx's "client closed request": nobody reads it, the audit and metrics do.
+    return Rejection(499, "client_disconnected", "the agent closed its connection before the call finished")
+
+
+def abandoned(call: "Call") -> "Rejection":
+    """What ended a call whose handler was cancelled: the agent hung up, or (its
+    connection still open) Regate is stopping and its grace ran out."""
+    if _gone(call.request):
+        return client_disconnected()
+    return Rejection(503, "shutting_down", "Regate stopped before this call finished; retry", retry_after=1)
 
 
 class Call:
@@ -261,10 +297,14 @@ class Pipeline:
                     if marks is not None:
                         marks.append(_now_ns())
                 if rejection is None:
-                    try:
-                        response = await self.forwarder.forward(call)
-                    except UpstreamError as exc:
-                        rejection = exc.rejection
+                    request[HANGUP_CANCELS] = True
+                    if _gone(request):  # the agent left while the stages ran: nothing runs for nobody
+                        rejection = abandoned(call)
+                    else:
+                        try:
+                            response = await self.forwarder.forward(call)
+                        except UpstreamError as exc:
+                            rejection = exc.rejection
                     if marks is not None:
                         marks.append(_now_ns())
             if rejection is not None:
@@ -273,6 +313,16 @@ class Pipeline:
                 if self.recorder is not None:
                     await self.recorder.record_rejection(call)
             return response
+        except asyncio.CancelledError:
+            # Cancelled mid-call (the agent hung up): end it here, say so, and let the
+            # cancellation go on. The finally below still runs every leave().
+            call.rejection = abandoned(call)
+            if call.ended_by is None:
+                n = len(entered)
+                call.ended_by = self.stages[n].name if n < len(self.stages) else "forward"
+            if self.recorder is not None and not handed_off:  # parts are recorded one by one
+                self.recorder.record_abandoned(call)
+            raise
         except Exception:
             # A bug in Regate must still answer in the JSON shape, with an id
             # that finds this call in the logs and the audit.
@@ -335,12 +385,24 @@ class Pipeline:
                     part.ended_by = "forward"
                     if recorder is not None:
                         part.rejection = await recorder.before_forward(part)
+            call.request[HANGUP_CANCELS] = True
             response = await handoff.finish(call, parts, self.forwarder)
             if recorder is not None:
                 for part in parts:
                     if part.rejection is not None:
                         await recorder.record_rejection(part)
             return response
+        except asyncio.CancelledError:
+            gone = abandoned(call)
+            for part in parts:
+                # A part a stage or the tool refused keeps its own code; every other part
+                # ends with the request (its answer was never sent).
+                if part.rejection is None:
+                    part.rejection = gone
+                    part.ended_by = part.ended_by or "forward"
+                if self.recorder is not None:
+                    self.recorder.record_abandoned(part)
+            raise
         finally:
             for part, entered in zip(parts, entered_by):
                 for stage in reversed(entered):

@@ -6,11 +6,14 @@ has the record that the call was allowed — and an outcome record after,
 linked by decision id. A call a stage ended gets one decision record, written
 before the agent sees the answer. If the log cannot be written, a call that
 would run is refused with 503 `audit_unavailable`: nothing runs unrecorded
-(unless the tool is `fail_open`, which is counted).
+(unless the tool is `fail_open`, which is counted). A call cancelled midway
+(the agent hung up) still gets exactly its one record, or its outcome record
+when the decision record was written: `record_abandoned`, without waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -72,8 +75,18 @@ class AuditRecorder:
         }
 
     async def before_forward(self, call: Call) -> Rejection | None:
+        audit = self.audit
+        # append() chains the record before its first await unless the queue is full.
+        chains_at_once = audit.pending < audit.max_pending
         try:
-            await self.audit.append(self._record(call, "decision", _decision_label(call)))
+            await audit.append(self._record(call, "decision", _decision_label(call)))
+        except asyncio.CancelledError:
+            # NOTE: a call cancelled while the queue was full may or may not have its
+            # record chained; it is taken as not, so at worst an allow record written
+            # during an audit backlog has no outcome (the backlog is on /readyz).
+            if chains_at_once:
+                call.extra["audited"] = True  # its record is in: after_call writes the outcome
+            raise
         except AuditUnavailable as exc:
             if call.tool.fail_open:
                 # NOTE: deliberately lossy: this tool is configured fail_open, so it
@@ -97,11 +110,25 @@ class AuditRecorder:
         if call.rejection is not None and call.rejection.code == "audit_unavailable":
             self.lost.labels("decision").inc()  # the log is known to be down: don't count the refusal twice
             return
+        call.extra["recorded"] = True  # chained before append's first await (see before_forward)
         try:
             await self.audit.append(self._record(call, "decision", "deny"))
         except AuditUnavailable:
             # NOTE: the call is refused anyway; what is lost is the record of a
             # refusal, which is counted so an operator can see it.
+            self.lost.labels("decision").inc()
+
+    def record_abandoned(self, call: Call) -> None:
+        """The record of a call cancelled before it was recorded (the agent hung up
+        before its decision was written): a deny with the call's code. A call already
+        allowed gets its outcome from after_call instead."""
+        extra = call.extra
+        if extra.get("audited") or extra.get("recorded"):
+            return
+        extra["recorded"] = True
+        try:
+            self.audit.append_nowait(self._record(call, "decision", "deny"))
+        except AuditUnavailable:
             self.lost.labels("decision").inc()
 
     def after_call(self, call: Call, status: int, added_ns: int) -> None:

@@ -5,8 +5,12 @@ Bodies are streamed in both directions, so a 1 GB upload or an endless SSE
 stream never sits in Regate's memory; small responses with a known length are
 read in one go, which is cheaper than chunked writes. Hop-by-hop headers are
 removed both ways (RFC 9110 §7.6.1), `Host` is rebuilt from the route, and the
-deadline covers the time to the upstream's response headers (504 past it);
-after that an idle-read timeout of the same length guards the stream.
+deadline covers the time to the upstream's response headers (504 past it):
+connecting, sending the request and its body, and waiting, whatever the
+request's shape. After that an idle-read timeout of the same length guards the
+stream. The head deadlines of all calls in flight share one timer
+(`HeadDeadlines`); a timer object per call costs more than the rest of the
+bookkeeping together.
 
 A stage that must see the answer before the agent does (MCP: filtered tool
 lists, session binding) sets `call.response_filter`; the forwarder then hands
@@ -30,15 +34,10 @@ from yarl import URL
 from .breakers.outcome import CONNECT_ERROR
 from .breakers.retrybudget import RetryBudget
 from .config import Tool
-from .pipeline import Call, Rejection, UpstreamError
+from .pipeline import Call, Rejection, UpstreamError, client_disconnected
+from .forwarded_headers import HOP_BY_HOP, dropped_for, is_regate_own
 from .observability.propagation import traceparent
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization",
-})
-# Never copied from the agent: rebuilt (Host, Content-Length) or Regate's own.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 # Responses up to this size with a declared length are read whole and sent as
@@ -57,6 +56,76 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class HeadDeadlines:
+    """The deadline for each call in flight to get its upstream's response head, on one timer.
+
+    A forward registers its task with `add` and removes it with `discard` once the
+    head has come (or the call failed). Calls with the same timeout end in the order
+    they started, so each timeout has its own queue (an insertion-ordered dict) and
+    only the front of each queue is ever looked at. The timer is armed for the
+    earliest deadline: while calls finish in time it fires about once per timeout
+    period, not once per call. A call past its deadline has `call.extra["deadline"]`
+    set and its task cancelled; the forwarder turns that cancellation into 504.
+    """
+
+    __slots__ = ("_queues", "_timer", "_timer_at", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        # timeout (s) -> {call: (deadline, task)}, oldest first.
+        self._queues: dict[float, dict[Call, tuple[float, asyncio.Task]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        # The clock and the timer: the running loop's, unless a test brings its own.
+        self._loop = loop
+
+    def add(self, call: Call, timeout: float, task: asyncio.Task) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        when = loop.time() + timeout
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = {}
+        queue[call] = (when, task)
+        timer = self._timer
+        if timer is None:
+            self._arm(when)
+        elif when < self._timer_at:  # only a shorter timeout than any in flight re-arms
+            timer.cancel()
+            self._arm(when)
+
+    def discard(self, call: Call, timeout: float) -> None:
+        queue = self._queues.get(timeout)
+        if queue is not None:
+            queue.pop(call, None)
+
+    def _arm(self, when: float) -> None:
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire)  # type: ignore[union-attr]
+
+    def _expire(self) -> None:
+        self._timer = None
+        # A timer may fire a hair early by the clock it is read with (libuv counts in ms).
+        now = self._loop.time() + 0.001  # type: ignore[union-attr]
+        earliest: float | None = None
+        for timeout in list(self._queues):
+            queue = self._queues[timeout]
+            while queue:
+                call = next(iter(queue))
+                when, task = queue[call]
+                if when > now:
+                    if earliest is None or when < earliest:
+                        earliest = when
+                    break
+                del queue[call]
+                call.extra["deadline"] = True
+                task.cancel()
+            if not queue:
+                del self._queues[timeout]
+        if earliest is not None:
+            self._arm(earliest)
+
+
 class Upstream:
     """One tool's upstream: its base URL and its own pooled session."""
 
@@ -72,19 +141,25 @@ class Upstream:
         self.retry_budget = RetryBudget(ratio=0.1, window_s=10.0)
 
     async def start(self) -> None:
+        tls = True  # https: the system's CAs, the URL's host name
+        if self.tool.tls is not None:
+            from .identity.tls import client_context
+
+            # The tool's CA, client certificate (upstreams that require mTLS) and name.
+            tls = client_context(self.tool.tls, f"tools[{self.tool.name}].tls")
         connector = aiohttp.TCPConnector(
             limit=0,  # no pool cap: concurrency is bounded by limits stages, not by a hidden queue
             keepalive_timeout=30,
             ttl_dns_cache=300,
             enable_cleanup_closed=False,
+            ssl=tls,
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # bytes pass through as the upstream sent them
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            # The deadline is enforced by the socket: connect, and every read (the
-            # response headers, then each chunk of a streamed body). This costs no
-            # timer object per call, which asyncio.timeout would.
+            # Connect, and every read of a response (the head is bounded as a whole
+            # by HeadDeadlines, from before the connection to the status line).
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.tool.timeout_ms / 1000,
                                           sock_read=self.tool.timeout_ms / 1000),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -109,13 +184,15 @@ class Forwarder:
     def __init__(self, tools: list[Tool], strip_request_headers: tuple[str, ...] = (),
                  body_idle_timeout_s: float = 10.0) -> None:
         self.upstreams = {t.name: Upstream(t) for t in tools}
-        # Regate's own credentials (the API key header) never reach a tool.
-        self._request_drop = _REQUEST_DROP | {h.lower() for h in strip_request_headers}
-        # Header name -> forwarded or not, learnt as names are seen (bounded).
-        self._keep_request: dict[str, bool] = {}
+        # Per tool: the agent's headers it never gets (Regate's own credentials, the API
+        # key header, included), and header name -> forwarded or not, learnt as names are
+        # seen (bounded).
+        self._request_drop = {t.name: dropped_for(t.pass_headers, strip_request_headers) for t in tools}
+        self._keep_request: dict[str, dict[str, bool]] = {t.name: {} for t in tools}
         self._keep_response: dict[str, bool] = {}
         # The longest pause between two chunks of a streamed request body.
         self.body_idle_timeout_s = body_idle_timeout_s
+        self.deadlines = HeadDeadlines()
 
     async def start(self) -> None:
         for u in self.upstreams.values():
@@ -127,29 +204,31 @@ class Forwarder:
 
     def _request_headers(self, call: Call) -> CIMultiDict[str]:
         request = call.request
-        drop = self._request_drop
+        name_of_tool = call.tool.name
+        drop = self._request_drop[name_of_tool]
         conn = _connection_tokens(request.headers) if "Connection" in request.headers else ()
         out: CIMultiDict[str] = CIMultiDict()
-        keep = self._keep_request
+        keep = self._keep_request[name_of_tool]
         for name, value in request.headers.items():
             # Header names repeat call after call: remember each name's verdict
             # instead of lower-casing and testing it every time.
             ok = keep.get(name)
             if ok is None:
                 low = name.lower()
-                # X-Regate-* is Regate's to say: an agent's own (a forged approval, decision
-                # id or agent header) never reaches a tool.
-                ok = not (low in drop or low.startswith("x-regate-"))
+                ok = not (low in drop or is_regate_own(low))
                 if len(keep) < 4096:
                     keep[name] = ok
             if ok and not (conn and name.lower() in conn):
                 out.add(name, value)
-        upstream = self.upstreams[call.tool.name]
+        upstream = self.upstreams[name_of_tool]
         out["Host"] = upstream.host_header
-        peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        # The agent is the client: an X-Forwarded-For it sent is a claim nobody checked,
+        # so the tool is told only the address Regate saw.
+        out["X-Forwarded-For"] = request.remote or ""
         out["X-Forwarded-Proto"] = request.scheme
+        if call.extra.get("canonical_json"):
+            # forward_body: canonical — the bytes are orjson's, and say so.
+            out["Content-Type"] = "application/json"
         if "Host" in request.headers:
             out["X-Forwarded-Host"] = request.headers["Host"]
         out["X-Regate-Decision-Id"] = call.id
@@ -223,6 +302,11 @@ class Forwarder:
         # The session's timeouts are the route's; only a decision's lower deadline needs its own.
         timeout = (aiohttp.ClientTimeout(total=None, sock_connect=deadline, sock_read=deadline)
                    if timeout_ms != tool.timeout_ms else None)
+        # The head's deadline holds whatever the request's shape: the socket timeouts
+        # alone start only once the body is sent, which a silent tool never lets happen.
+        task = asyncio.current_task()
+        deadlines = self.deadlines
+        deadlines.add(call, deadline, task)  # type: ignore[arg-type]
         try:
             while True:
                 try:
@@ -244,10 +328,16 @@ class Forwarder:
                         raise
                     call.extra["retries"] = 1
                     await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            call.upstream_ns = time.perf_counter_ns() - started
+            # HeadDeadlines cancelled this task: a 504. Cancelled by anyone else as well
+            # (the agent went away), the cancellation goes on.
+            if not call.extra.get("deadline") or task.uncancel():  # type: ignore[union-attr]
+                raise
+            raise UpstreamError(self._timed_out(call, data, timeout_ms)) from None
         except TimeoutError:
             call.upstream_ns = time.perf_counter_ns() - started
-            raise UpstreamError(Rejection(
-                504, "upstream_timeout", f"tool {tool.name!r} did not answer within {timeout_ms} ms"))
+            raise UpstreamError(self._timed_out(call, data, timeout_ms)) from None
         except (_BodyTooLarge, aiohttp.ClientConnectionError) as exc:
             call.upstream_ns = time.perf_counter_ns() - started
             if call.extra.get("body_too_large"):
@@ -268,12 +358,23 @@ class Forwarder:
             raise UpstreamError(Rejection(
                 502, "upstream_error", f"tool {tool.name!r} sent an invalid response: {exc.__class__.__name__}"))
 
+        finally:
+            deadlines.discard(call, deadline)
+
         call.upstream_status = resp.status
         try:
             return await self._respond(call, resp, deadline, started)
         finally:
             call.upstream_ns = time.perf_counter_ns() - started
             resp.release()
+
+    @staticmethod
+    def _timed_out(call: Call, data: object, timeout_ms: int) -> Rejection:
+        if data is not None and data is not call.body and call.body_size is None:
+            # A streamed body was still on its way (a slow agent, or a tool that stopped reading).
+            return Rejection(504, "upstream_timeout", f"tool {call.tool.name!r} had not answered within {timeout_ms} ms; "
+                             "the request body was still being sent, and the tool was cut off")
+        return Rejection(504, "upstream_timeout", f"tool {call.tool.name!r} did not answer within {timeout_ms} ms")
 
     def _response_headers(self, call: Call, resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
         conn = _connection_tokens(resp.headers) if "Connection" in resp.headers else ()
@@ -351,8 +452,12 @@ class Forwarder:
                 # memory stays bounded); one that stalls past the deadline is cut off.
                 async with asyncio.timeout(deadline):
                     await out.write(chunk)
-            except (TimeoutError, ConnectionError):
+            except (TimeoutError, ConnectionError) as exc:
                 call.extra["client_gone"] = True
+                if isinstance(exc, ConnectionError):
+                    # The agent hung up mid-answer: the same outcome as when the hang-up
+                    # is seen first by the connection (the handler is cancelled then).
+                    call.rejection = client_disconnected()
                 if call.request.transport is not None:
                     call.request.transport.close()
                 return out

@@ -75,43 +75,50 @@ test_grants_come_from_data if {
 	d.allow
 }
 
-# --- shell -------------------------------------------------------------------
+# --- shell (more in shell_test.rego) -------------------------------------------
 
-test_shell_allows_a_harmless_command if {
-	d := decide(shell("coder-7", "ls -la /workspace && grep -r TODO src/"))
+test_shell_allows_a_listed_command if {
+	d := decide(shell("coder-7", "ls -la /workspace"))
 	d.allow
 	count(d.reasons) == 0
 }
 
-test_shell_refuses_recursive_delete if {
-	denied_with(shell("coder-7", "rm -rf /"), "recursive deletion")
-	denied_with(shell("coder-7", "cd /tmp && rm -r -f build"), "recursive deletion")
-	denied_with(shell("coder-7", "rm --recursive --force ~"), "recursive deletion")
+test_shell_refuses_two_commands_in_one if {
+	denied_with(shell("coder-7", "ls -la /workspace && grep -r TODO src/"), "contains the character '&'")
 }
 
-test_shell_allows_plain_rm_of_one_file if {
-	decide(shell("coder-7", "rm notes.txt")).allow
+test_shell_refuses_recursive_delete if {
+	denied_with(shell("coder-7", "rm -rf /"), "recursive deletion")
+	denied_with(shell("coder-7", "cd /tmp && rm -r -f build"), "contains the character '&'")
+	denied_with(shell("coder-7", "rm --recursive --force ~"), "contains the character '~'")
+}
+
+test_shell_refuses_unlisted_programs_even_harmless_ones if {
+	denied_with(shell("coder-7", "rm notes.txt"), "'rm' is not a command the shell tool runs")
+	denied_with(shell("coder-7", "df -h"), "It runs: cat, echo, git diff,")
 }
 
 test_shell_refuses_mkfs_dd_and_disk_writes if {
-	denied_with(shell("coder-7", "mkfs.ext4 /dev/sdb1"), "formatting a file system")
-	denied_with(shell("coder-7", "dd if=/dev/zero of=/dev/sda bs=1M"), "raw bytes to a device")
-	denied_with(shell("coder-7", "cat image > /dev/nvme0n1"), "disk device")
+	denied_with(shell("coder-7", "mkfs.ext4 /dev/sdb1"), "'mkfs.ext4' is not a command the shell tool runs")
+	denied_with(shell("coder-7", "dd if=/dev/zero of=/dev/sda bs=1M"), "dd writes raw bytes")
+	denied_with(shell("coder-7", "cat image > /dev/nvme0n1"), "contains the character '>'")
 }
 
 test_shell_refuses_shutdown_and_fork_bomb if {
-	denied_with(shell("coder-7", "sudo shutdown -h now"), "shutting down")
-	denied_with(shell("coder-7", ":(){ :|:& };:"), "fork bomb")
+	denied_with(shell("coder-7", "sudo shutdown -h now"), "sudo runs a command as another user")
+	denied_with(shell("coder-7", ":(){ :|:& };:"), "contains the character '('")
 }
 
 test_shell_needs_a_command if {
 	denied_with(call("coder-7", "shell", "POST", "/tools/shell/run", {"cmd": "ls"}), "needs a string argument 'command'")
+	denied_with(call("coder-7", "shell", "POST", "/tools/shell/run", {"command": ["ls"]}), "needs a string argument 'command'")
 }
 
-test_shell_refusal_names_the_command if {
+test_shell_refusal_names_the_command_and_what_runs if {
 	d := decide(shell("coder-7", "rm -rf /"))
+
 	# reasons is a set: compare with a set literal ({...}), never an array.
-	d.reasons == {"The command 'rm -rf /' was refused: it looks like recursive deletion (rm -r / rm -rf). Destructive commands are not allowed through the shell tool; find a non-destructive way or ask a human."}
+	d.reasons == {"The command 'rm -rf /' was refused: 'rm' is not a command the shell tool runs (rm deletes files, recursive deletion included; delete one file through the files tool, or ask a human). It runs: cat, echo, git diff, git log, git show, git status, grep, head, ls, pwd, pytest, python -m pytest, tail, wc."}
 }
 
 # --- files -------------------------------------------------------------------
@@ -224,6 +231,10 @@ test_timeout_from_grant_then_tool if {
 }
 
 test_cost_from_tool_settings if {
-	decide(pay("analyst-2", 10)).cost == 5
+	decide(call("coder-7", "search", "GET", "/tools/search/q", null)).cost == 1
 	decide(call("coder-7", "files", "GET", "/tools/files/workspace/a", null)).cost == null
+
+	# A payment costs its amount (payments_test.rego), a refused one the tool's cost.
+	decide(pay("analyst-2", 10)).cost == 10
+	decide(pay("analyst-2", "10")).cost == 5
 }

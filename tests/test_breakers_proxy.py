@@ -88,7 +88,9 @@ def regate(flaky, keys_file, tmp_path_factory):
         "policy": {"rego": rego, "data": data},
         "limits": {"enabled": False},
         "tools": [
-            tool("sick"), tool("flappy"), tool("resettable"), tool("strict"), tool("loop"),
+            tool("sick"), tool("flappy"), tool("resettable"), tool("strict"),
+            # The loop guard also tells plain-text calls apart: this tool takes unread bodies.
+            tool("loop", unread_body="forward"),
             tool("slowpoke", timeout_ms=300),
             tool("retry_get", lane("retry_get", gate="tls")),
             tool("retry_post", lane("retry_post", gate="tls")),

@@ -1,18 +1,25 @@
 """Conformance: the embedded engine (regorus) against real OPA, case by case.
 
 Every case of tests/conformance/*.yaml is evaluated by the embedded engine
-exactly as Regate runs it (bundle, input projection, JSON decoding) and by OPA
-v1.20.2 in-process (opa-golib-python-bindings). Outcomes (a value, undefined,
-an evaluation error, a bundle that does not load) must be identical, and
-match the case's `expect` when it has one. Where regorus truly differs, the
-case says so under `differs:` and this test asserts that exact difference, so
-it fails the day either engine changes.
+exactly as Regate runs it (bundle, input projection, JSON decoding), by the
+real OPA binary the `opa` engine talks to (``opa eval`` on the case's files;
+the shipped-bundle cases through one ``opa run --server``), and by OPA v1.20.2
+in-process (opa-golib-python-bindings). Outcomes (a value, undefined, an
+evaluation error, a bundle that does not load) must be identical, and match
+the case's `expect` when it has one. Where regorus truly differs, the case
+says so under `differs:` and this test asserts that exact difference, so it
+fails the day any engine changes.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import yaml
@@ -21,6 +28,8 @@ from opa_bindings import OpaEngine, OpaError, OpaUndefinedError
 from proxy.engines.bundle import Bundle, BundleError, load_bundle
 from proxy.engines.decision import DecisionError, EngineError, normalise, parse_decision
 from proxy.engines.embedded import UNDEFINED, EmbeddedEngine
+from proxy.engines.opa import QUERY_PARAMS
+from tests.support.opa_server import OpaMissing, OpaServer, opa_binary, shipped_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).parent / "conformance"
@@ -84,6 +93,40 @@ def opa_outcome(bundle: Bundle, query: str, input_doc: Any, engine: OpaEngine | 
     return ("value", normalise(value))
 
 
+def opa_binary_outcome(bundle: Bundle, query: str, input_doc: Any, workdir: Path) -> tuple:
+    """`opa eval` of the bundle's files, as `opa run` would load them."""
+    for module in bundle.modules:
+        path = workdir / module.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(module.source)
+    if bundle.data:
+        (workdir / "data.json").write_text(json.dumps(bundle.data))
+    # --strict-builtin-errors: as the `opa` engine asks the server (proxy.engines.opa.QUERY_PARAMS).
+    done = subprocess.run([opa_binary(), "eval", "--format", "json", "--strict-builtin-errors", "--data", str(workdir),
+                           "--stdin-input", "data." + query.replace("/", ".")],
+                          input=json.dumps(input_doc), capture_output=True, text=True, timeout=30)
+    out = json.loads(done.stdout or "{}")
+    if done.returncode != 0:
+        errors = out.get("errors") or [{"code": "opa_eval", "message": done.stderr.strip()}]
+        return ("error", "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors))
+    if not out.get("result"):
+        return ("undefined",)
+    return ("value", normalise(out["result"][0]["expressions"][0]["value"]))
+
+
+def opa_server_outcome(server: OpaServer, query: str, input_doc: Any) -> tuple:
+    """The Data API answer of a real `opa run --server`, as the `opa` engine asks it."""
+    req = urllib.request.Request(f"{server.url}/v1/data/{query}?{urlencode(QUERY_PARAMS)}", data=json.dumps({"input": input_doc}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+        return ("error", f"{body.get('code')}: {body.get('message')}")
+    return ("value", normalise(answer["result"])) if "result" in answer else ("undefined",)
+
+
 def regorus_outcome(bundle: Bundle, query: str, input_doc: Any, engine: EmbeddedEngine | None = None) -> tuple:
     try:
         engine = engine or EmbeddedEngine.from_bundle(bundle, query, memo_size=0)
@@ -119,15 +162,24 @@ def decision_of(outcome: tuple) -> dict | str:
         return f"DecisionError: {exc}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def real_opa():
+    try:
+        return opa_binary()
+    except OpaMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.fixture(scope="module")
-def shipped():
+def shipped(real_opa):
     bundle = load_bundle(ROOT / "rego", ROOT / "policies")
     opa = OpaEngine()
     for module in bundle.modules:
         opa.add_policy(module.name, module.source)
     opa.add_data(bundle.data)
-    yield bundle, opa, EmbeddedEngine.from_bundle(bundle, "regate/decision", memo_size=0), \
-        EmbeddedEngine.from_bundle(bundle, "regate/decision")
+    with OpaServer(*shipped_paths(ROOT / "rego", ROOT / "policies")) as server:
+        yield bundle, opa, server, EmbeddedEngine.from_bundle(bundle, "regate/decision", memo_size=0), \
+            EmbeddedEngine.from_bundle(bundle, "regate/decision")
     opa.close()
 
 
@@ -142,13 +194,15 @@ def test_corpus_is_big_enough_and_names_are_unique():
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.get("bundle") != "shipped"], ids=lambda c: c["name"])
-def test_language_case(case):
+def test_language_case(case, tmp_path):
     modules = {"t.rego": case["policy"], **case.get("modules", {})}
     bundle = Bundle.from_sources(modules, case.get("data"))
     query = case.get("query", "t/r")
     input_doc = case.get("input", {})
-    opa = opa_outcome(bundle, query, input_doc)
+    opa = opa_binary_outcome(bundle, query, input_doc, tmp_path)
+    golib = opa_outcome(bundle, query, input_doc)
     ours = regorus_outcome(bundle, query, input_doc)
+    assert same(golib, opa), f"OPA v1.20.2 in-process {golib} != the opa binary {opa}"
     if "differs" in case:
         d = case["differs"]
         assert matches(opa, d["opa"]), f"OPA no longer behaves as documented: {opa}"
@@ -161,10 +215,12 @@ def test_language_case(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.get("bundle") == "shipped"], ids=lambda c: c["name"])
 def test_shipped_bundle_case(case, shipped):
-    bundle, opa_engine, embedded, memoised = shipped
+    bundle, opa_engine, server, embedded, memoised = shipped
     input_doc = full_input(case["call"])
-    opa = opa_outcome(bundle, "regate/decision", input_doc, opa_engine)
+    opa = opa_server_outcome(server, "regate/decision", input_doc)
+    golib = opa_outcome(bundle, "regate/decision", input_doc, opa_engine)
     ours = regorus_outcome(bundle, "regate/decision", input_doc, embedded)
+    assert same(golib, opa), f"OPA v1.20.2 in-process {golib} != the opa server {opa}"
     assert same(ours, opa), f"regorus {ours} != OPA {opa}"
     want = decision_of(opa)
     assert decision_of(ours) == want

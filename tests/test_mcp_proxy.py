@@ -57,10 +57,14 @@ def regate(servers, tmp_path_factory):
     data = tmp / "policies"
     shutil.copytree(ROOT / "policies", data)
     agents = yaml.safe_load((data / "agents.yaml").read_text())
+    # The methods these tests send; the shipped policy refuses any a grant does not list.
+    methods = ["initialize", "notifications/initialized", "ping", "tools/list", "tools/call",
+               "notifications/progress", "notifications/cancelled"]
     for route in ("legacy", "legacy-gz"):
-        agents["support-1"]["tools"][route] = {"methods": ["POST", "GET", "DELETE"],
+        agents["support-1"]["tools"][route] = {"methods": ["POST", "GET", "DELETE"], "mcp_methods": methods,
                                                "mcp_tools": ["ok", "fail", "limited"]}
-        agents["coder-7"]["tools"][route] = {"methods": ["POST", "GET", "DELETE"], "mcp_tools": ["ok"]}
+        agents["coder-7"]["tools"][route] = {"methods": ["POST", "GET", "DELETE"], "mcp_methods": methods,
+                                             "mcp_tools": ["ok"]}
     (data / "agents.yaml").write_text(yaml.safe_dump(agents))
     limits = yaml.safe_load((data / "limits.yaml").read_text())
     limits["tools"]["legacy/limited"] = {"rate": "1/min", "burst": 2}

@@ -17,6 +17,7 @@ import yaml
 
 from tests.conftest import AGENT_KEY, OTHER_KEY
 from tests.support.procs import ADMIN_TOKEN, ROOT, RegateProcess
+from tests.support.rego_lines import rule_line
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,7 +86,9 @@ async def test_denied_call_trace_names_policy_reasons_revision_and_rule(regate):
     assert ex["engine"] == "embedded" and ex["method"] == "coverage"
     [linked] = ex["reasons"]
     assert linked["reason"] == t["reasons"][0]
-    assert {"rule": "data.regate.tools.shell.deny", "location": "rego/tools/shell.rego:23"} in linked["rules"]
+    refusal = rule_line("rego/tools/shell.rego", "refusals contains msg if {", "is not a command the shell tool runs")
+    where = f"rego/tools/shell.rego:{refusal}"
+    assert {"rule": "data.regate.tools.shell.refusals", "location": where} in linked["rules"]
     assert ex["input"]["request"]["body"] == RM
 
     # `regate explain` prints the same for a human.
@@ -96,7 +99,7 @@ async def test_denied_call_trace_names_policy_reasons_revision_and_rule(regate):
     text = out.stdout
     assert f"decision {decision_id}" in text and "outcome policy_denied at stage policy (HTTP 403)" in text
     assert t["revision"] in text and "STAGE" in text and "VERDICT" in text
-    assert "from data.regate.tools.shell.deny at rego/tools/shell.rego:23" in text
+    assert f"from data.regate.tools.shell.refusals at {where}" in text
     assert "rm -rf /" in text
 
 

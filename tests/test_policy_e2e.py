@@ -98,7 +98,7 @@ async def test_credentials_never_reach_the_policy(upstream, keys_file, tmp_path)
     proc = RegateProcess({"auth": {"mode": "api_key", "keys": str(keys_file)},
                           "policy": {"rego": str(rego), "data": str(data)}, "tools": tools(upstream)}, tmp_path)
     try:
-        status, _, body = await call(proc.url, "/tools/search/x?a=1&a=2", method="POST", json={"k": [1, 2]},
+        status, _, body = await call(proc.url, "/tools/search/x?a=1&b=2", method="POST", json={"k": [1, 2]},
                                      headers={"Authorization": "Bearer tool-secret", "Cookie": "s=1",
                                               "X-Trace": "t1"})
     finally:
@@ -112,7 +112,9 @@ async def test_credentials_never_reach_the_policy(upstream, keys_file, tmp_path)
     assert doc["tool"] == {"name": "search", "route": "/tools/search", "gpu": None}
     req = doc["request"]
     assert req["method"] == "POST" and req["path"] == "/tools/search/x"
-    assert req["query"] == {"a": ["1", "2"]}
+    assert req["query"] == {"a": ["1"], "b": ["2"]}
+    assert req["query_pairs"] == [["a", "1"], ["b", "2"]]
+    assert req["arguments"] == {"a": "1", "b": "2", "k": [1, 2]}
     assert req["body"] == {"k": [1, 2]} and len(req["body_sha256"]) == 64
     assert req["headers"]["x-trace"] == "t1"
     for secret in ("authorization", "cookie", "x-api-key"):

@@ -1,7 +1,9 @@
 """The approvals' admin API, their live event stream and the inbox page.
 
 Everything under /admin/ is behind the admin middleware's bearer token
-(proxy/admin.py). The inbox page itself is a static shell with no data in it,
+(proxy/admin.py); deciding needs the approver role. The approver recorded is the
+operator the token names (admin.tokens); only the shared admin.token, which names
+nobody, takes the name from the request body, and the audit marks it unverified. The inbox page itself is a static shell with no data in it,
 served at /ui/approvals because a browser's navigation cannot carry a bearer
 token; the page asks for the token once, keeps it in sessionStorage and sends
 it on every /admin/approvals* request it makes.
@@ -19,6 +21,7 @@ from aiohttp import web
 from ..ui import load_page
 
 from ..audit import AuditUnavailable
+from ..identity.operators import OPERATOR_KEY
 from .approval import ID_PATTERN, STATES
 from .store import ApprovalStoreError
 
@@ -107,7 +110,11 @@ def add_routes(app: web.Application, regate: Any) -> None:
         if not isinstance(body, dict):
             return _error(400, "bad_json", "send a JSON object: {\"approver\": \"your name\", \"comment\": \"why\"}")
         approver, comment = body.get("approver"), body.get("comment") or ""
-        if not isinstance(approver, str) or not approver.strip() or len(approver) > MAX_APPROVER:
+        operator = request.get(OPERATOR_KEY)
+        verified = operator is not None and operator.verified
+        if verified:
+            approver = operator.name  # the token's name, whatever the body says
+        elif not isinstance(approver, str) or not approver.strip() or len(approver) > MAX_APPROVER:
             return _error(400, "approver_required",
                           f"approver: the name of the person deciding is required (at most {MAX_APPROVER} characters)")
         if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
@@ -127,7 +134,7 @@ def add_routes(app: web.Application, regate: Any) -> None:
         if outcome == "conflict":
             return _error(409, "approval_decided", f"approval {approval_id} is already {state}")
         try:
-            await stage.record(to, rec, approver=approver, comment=comment,
+            await stage.record(to, rec, approver=approver, approver_verified=verified, comment=comment,
                                revision=rec.get("revision"), remote=request.remote)
         except AuditUnavailable:
             # NOTE: the decision stands (the held call may already be running

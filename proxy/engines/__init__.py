@@ -5,7 +5,10 @@ server over its REST Data API; ``off`` allows every call (no policy stage
 work at all: for benchmarks and for deployments that only want limits and the
 audit log). Every engine answers ``evaluate(input) -> Decision`` or raises
 ``EngineError`` (could not answer) / ``DecisionError`` (answered nonsense or
-nothing); the policy stage decides what either means for the call.
+nothing); the policy stage decides what either means for the call. Two kinds of
+``EngineError`` mean something particular to the agent: ``EngineTimeout`` (no
+answer within ``policy.timeout_ms``) and ``PolicyInputTooLarge`` (the input is
+refused before evaluation: 413, never failed open).
 """
 
 from __future__ import annotations
@@ -19,9 +22,24 @@ if TYPE_CHECKING:
     from proxy.config import Config
 
 __all__ = [
-    "Bundle", "BundleError", "Decision", "DecisionError", "Engine", "EngineError", "OffEngine",
-    "build_engine", "load_bundle", "normalise", "parse_decision",
+    "Bundle", "BundleError", "Decision", "DecisionError", "Engine", "EngineError", "EngineTimeout", "OffEngine",
+    "PolicyInputTooLarge", "build_engine", "load_bundle", "normalise", "parse_decision",
 ]
+
+
+class EngineTimeout(EngineError):
+    """The engine did not decide within ``policy.timeout_ms``."""
+
+
+class PolicyInputTooLarge(EngineError):
+    """What the policy would read is larger than ``policy.max_input_bytes``: refused
+    before evaluation, because judging it could not finish in time (or costs too much)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"the policy input is {size} bytes, over the limit of {limit} bytes "
+                         "(policy.max_input_bytes in regate.yaml): send a smaller request")
 
 
 @runtime_checkable
@@ -73,4 +91,6 @@ def build_engine(cfg: "Config") -> Engine:
                          token=policy.opa.token, rego_dir=rego_dir, data_dir=data_dir)
     from .embedded import EmbeddedEngine
 
-    return EmbeddedEngine(rego_dir, data_dir, policy.decision)
+    return EmbeddedEngine(rego_dir, data_dir, policy.decision, timeout_ms=policy.timeout_ms,
+                          max_input_bytes=policy.max_input_bytes, inline_input_bytes=policy.inline_input_bytes,
+                          eval_processes=policy.eval_processes)

@@ -7,12 +7,19 @@ builds a complete new compiled bundle beside the serving one and swaps one
 reference, so a call is evaluated against the old bundle or the new one,
 never a half-loaded mix; a reload that fails leaves the old one serving.
 
-Evaluation is synchronous (regorus holds the GIL and its objects are bound to
-the thread that made them, so everything here runs on the event loop
-thread). Two things keep it cheap: the input is cut down to the fields the
-policy can read (the AST says which) before regorus parses it, and decisions
-are memoised per projected input, unless the policy calls a builtin whose
-answer can change between two identical inputs (time, randomness, network).
+Where a call is evaluated depends on the size of what the policy reads (the
+input cut down to the fields the policy can read, as JSON): up to
+``policy.inline_input_bytes`` on the event loop, the hot path (regorus holds
+the GIL throughout an evaluation and its objects are bound to the thread that
+made them, so a thread would neither run beside the loop nor share the
+engine); larger in a worker process (``EvaluationPool``) under the
+``policy.timeout_ms`` deadline, killed when it overruns, so one huge call
+cannot stall other agents' calls; past ``policy.max_input_bytes`` not at all
+(``PolicyInputTooLarge``, 413). An evaluation on the loop that spends more CPU
+than ``policy.timeout_ms`` is refused as a timeout after the fact, as the
+``opa`` engine's deadline would refuse it. Decisions on small inputs are
+memoised per projected input, unless the policy calls a builtin whose answer
+can change between two identical inputs (time, randomness, network).
 
 Why the tree-walking interpreter and not regorus's RVM (its bytecode VM, 3-5x
 faster here): on regorus 0.13 the RVM gets undefined wrong, e.g.
@@ -24,8 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import re
+import signal
+import struct
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +52,11 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 
 import regorus  # noqa: E402
 
+from . import EngineTimeout, PolicyInputTooLarge
 from .bundle import Bundle, BundleError, load_bundle
 from .decision import Decision, DecisionError, EngineError, parse_decision
+
+log = logging.getLogger("regate.engine")
 
 #: What eval_rule_as_json prints for an undefined rule.
 _UNDEFINED_JSON = '"<undefined>"'
@@ -64,6 +80,9 @@ NONDETERMINISTIC = frozenset({
 })
 
 _MEMO_SIZE = 4096
+#: Inputs longer than this are not memoised: a key is the whole projected input,
+#: and 4096 keys of megabytes each would be gigabytes.
+_MEMO_MAX_INPUT = 16 << 10
 
 _LOCATION = re.compile(r"-->\s*(?P<file>.+?):(?P<line>\d+):(?P<col>\d+)")
 _ERROR_LINE = re.compile(r"^error: (?P<msg>.*)$", re.M)
@@ -374,11 +393,15 @@ class CompiledBundle:
         except RuntimeError as exc:
             raise EngineError(f"policy evaluation failed: {format_regorus_error(exc)}") from None
 
-    def _input_text(self, input_doc: dict) -> str:
+    def input_bytes(self, input_doc: dict) -> bytes:
+        """What regorus is given: the projected input as JSON."""
         try:
-            return orjson.dumps(project(input_doc, self.projection)).decode()
+            return orjson.dumps(project(input_doc, self.projection))
         except TypeError as exc:  # orjson.JSONEncodeError
             raise EngineError(f"the input document is not JSON: {exc}") from None
+
+    def _input_text(self, input_doc: dict) -> str:
+        return self.input_bytes(input_doc).decode()
 
     def evaluate_raw(self, input_doc: dict) -> Any:
         """The rule's value as JSON carries it (sets as sorted arrays), or UNDEFINED."""
@@ -386,27 +409,56 @@ class CompiledBundle:
         return UNDEFINED if out == _UNDEFINED_JSON else orjson.loads(out)
 
     def decide(self, input_doc: dict) -> Decision:
-        text = self._input_text(input_doc)
-        memo = self.memo
+        return self.decide_text(self._input_text(input_doc))
+
+    def decide_text(self, text: str, cpu_budget_ns: int = 0) -> Decision:
+        """The decision for one projected input, evaluated on this thread. With a
+        budget, an evaluation that spent more CPU than that is an EngineTimeout."""
+        memo = self.memo if len(text) <= _MEMO_MAX_INPUT else None
         if memo is not None:
             hit = memo.get(text)
             if hit is not None:
                 if isinstance(hit, str):
                     raise DecisionError(hit)
                 return _copy(hit)
-        out = self._eval_text(text)
+        if cpu_budget_ns:
+            # CPU time, not wall time: the loop thread being descheduled is not the
+            # policy's doing, and must not refuse a cheap call on a busy machine.
+            started = time.thread_time_ns()
+            out = self._eval_text(text)
+            spent = time.thread_time_ns() - started
+            if spent > cpu_budget_ns:
+                # Not memoised: the next identical call is timed again.
+                raise EngineTimeout(f"the policy took {spent / 1e6:.0f} ms of CPU to decide, over "
+                                    f"policy.timeout_ms ({cpu_budget_ns / 1e6:.0f} ms)")
+        else:
+            out = self._eval_text(text)
+        return self.decision_from(out, text, memo)
+
+    def decision_from(self, out: str, key: str | None = None, memo: dict[str, Any] | None = None) -> Decision:
+        """The decision in the rule's JSON value ``out``; remembered under ``key`` in ``memo``."""
         try:
             if out == _UNDEFINED_JSON:
                 raise DecisionError(f"decision is undefined: no rule of {self.rule} produced a value for this input")
             decision = parse_decision(orjson.loads(out), from_json=True)
         except DecisionError as exc:
             if memo is not None:
-                self._remember(memo, text, str(exc))
+                self._remember(memo, key, str(exc))  # type: ignore[arg-type]
             raise
+        except orjson.JSONDecodeError:
+            raise EngineError("policy evaluation failed: the engine's answer is not JSON") from None
         if memo is not None:
-            self._remember(memo, text, decision)
+            self._remember(memo, key, decision)  # type: ignore[arg-type]
             return _copy(decision)
         return decision
+
+    def worker_payload(self) -> bytes:
+        """What a worker process needs to evaluate this bundle (EvaluationPool)."""
+        return orjson.dumps({
+            "rule": self.rule,
+            "modules": [[m.name, m.source] for m in self.bundle.modules if not m.is_test],
+            "data": self.bundle.data_json,
+        })
 
     def _remember(self, memo: dict[str, Any], key: str, value: Any) -> None:
         if len(memo) >= self.memo_size:
@@ -430,24 +482,276 @@ def _copy(d: Decision) -> Decision:
     return c
 
 
+# --- Evaluation off the event loop ---------------------------------------------
+
+#: Frames between Regate and a worker process: a 4-byte little-endian length, then
+#: that many bytes, the first of which says what the frame is. To the worker:
+#: b"L" + a bundle (CompiledBundle.worker_payload), b"E" + an input (JSON). Back:
+#: b"K" (loaded), b"O" + the rule's value (JSON), b"X" + an error message.
+_FRAME = struct.Struct("<I")
+# The worker imports this module by the name Regate imported it under, from the
+# directory Regate's package sits in (the child may start elsewhere on sys.path).
+_WORKER_MAIN = f"from {__name__} import serve_worker; serve_worker()"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[len(__name__.split(".")) - 1])
+
+
+def serve_worker() -> None:
+    """A worker process (EvaluationPool): frames on stdin, answers on stdout, until stdin closes."""
+    # Ctrl-C is for the Regate in front; it closes our stdin, and we end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed (a policy's print()) goes to stderr, never into an answer
+    engine: Any = None
+    rule = ""
+    while True:
+        head = inp.read(4)
+        if len(head) < 4:
+            return
+        (n,) = _FRAME.unpack(head)
+        frame = inp.read(n)
+        if len(frame) < n:
+            return
+        op, body = frame[:1], frame[1:]
+        try:
+            if op == b"E" and engine is not None:
+                engine.set_input_json(body.decode())
+                reply = b"O" + engine.eval_rule_as_json(rule).encode()
+            elif op == b"L":
+                doc = orjson.loads(body)
+                new = regorus.Engine()
+                for name, source in doc["modules"]:
+                    new.add_policy(name, source)
+                new.add_data_json(doc["data"])
+                new.eval_query("true")  # the static checks, before the first input
+                engine, rule = new, doc["rule"]
+                reply = b"K"
+            else:
+                reply = b"X" + b"the worker has no bundle loaded"
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer, the loop goes on
+            reply = b"X" + format_regorus_error(exc).encode()
+        except BaseException as exc:  # a Rust panic arrives as pyo3's PanicException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            reply = b"X" + f"the engine panicked: {exc}".encode()
+        out.write(_FRAME.pack(len(reply)) + reply)
+        out.flush()
+
+
+class _Worker:
+    """One worker process, its pipes, and the bundle revision loaded in it."""
+
+    __slots__ = ("proc", "reader", "reading", "writer", "revision")
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.reading: asyncio.BaseTransport | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.revision: str | None = None
+
+    async def ensure(self, compiled: CompiledBundle) -> None:
+        """Running, with ``compiled``'s bundle loaded."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.kill()
+            await self._spawn()
+        if self.revision != compiled.revision:
+            kind, body = await self.request(b"L", compiled.worker_payload())
+            if kind != b"K":
+                raise EngineError("the policy worker process could not load the bundle: "
+                                  f"{body.decode(errors='replace')}")
+            self.revision = compiled.revision
+
+    async def _spawn(self) -> None:
+        # subprocess.Popen with pipes of our own, not asyncio.create_subprocess_exec:
+        # cancelling that one while it connects its pipes (a deadline, the loop
+        # shutting down) can leave the cancelled task waiting for ever (CPython 3.11).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        self.proc = proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, env=env, close_fds=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        self.reading, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), proc.stdout)
+        self.reader = reader
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.streams.FlowControlMixin(loop=loop), proc.stdin)
+        self.writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    async def request(self, op: bytes, payload: bytes) -> tuple[bytes, bytes]:
+        writer, reader = self.writer, self.reader
+        assert writer is not None and reader is not None
+        writer.write(_FRAME.pack(len(payload) + 1) + op)
+        writer.write(payload)
+        await writer.drain()
+        (n,) = _FRAME.unpack(await reader.readexactly(4))
+        reply = await reader.readexactly(n)
+        return reply[:1], reply[1:]
+
+    def kill(self) -> subprocess.Popen | None:
+        """Stop the process, whatever it is doing; the next ``ensure`` starts a fresh one."""
+        proc, self.proc, self.revision = self.proc, None, None
+        writer, reading, self.writer, self.reading, self.reader = self.writer, self.reading, None, None, None
+        # The transports own the pipes and close them (never close a pipe under the loop).
+        if writer is not None:
+            writer.transport.abort()
+        if reading is not None:
+            reading.close()
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            _reap(proc)
+        return proc
+
+
+def _reap(proc: subprocess.Popen, tries: int = 100) -> None:
+    """Collect a killed process's exit status without blocking the loop (no zombie left)."""
+    if proc.poll() is None and tries > 0:
+        try:
+            asyncio.get_running_loop().call_later(0.02, _reap, proc, tries - 1)
+        except RuntimeError:  # no loop any more: Popen's own clean-up collects it
+            pass
+
+
+class EvaluationPool:
+    """Worker processes that evaluate inputs too large to judge on the event loop.
+
+    Each worker holds its own regorus engine, built from the bundle's sources (an
+    engine cannot cross threads, let alone processes). A call takes an idle worker,
+    or waits for one; its deadline (the caller's ``asyncio.timeout``) covers the
+    wait, the transfer and the evaluation. A worker whose request did not finish
+    (deadline, cancellation, a broken pipe) is killed, since its state is unknown,
+    and a fresh one is started in the background, so the next call finds it ready.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.killed = 0  # workers killed mid-request, most of them past a deadline
+        self._workers: list[_Worker] = []
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._bundle: CompiledBundle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._killed_procs: list[subprocess.Popen] = []  # until their exit is collected
+        self._closed = False
+
+    def prepare(self, compiled: CompiledBundle) -> None:
+        """Bring every worker to ``compiled`` in the background (starting them the first time)."""
+        if self._closed:
+            return
+        self._bundle = compiled
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            self._workers = [_Worker() for _ in range(self.size)]
+            for worker in self._workers:
+                self._background(self._make_ready(worker))
+        else:
+            for _ in range(self.size):
+                self._background(self._refresh())
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self) -> None:
+        assert self._idle is not None
+        await self._make_ready(await self._idle.get())
+
+    async def _make_ready(self, worker: _Worker) -> None:
+        try:
+            if self._bundle is not None:
+                await worker.ensure(self._bundle)
+        except asyncio.CancelledError:  # close(), or the loop shutting down without one
+            proc = worker.kill()
+            if proc is not None:
+                try:
+                    proc.wait(0.5)  # killed: gone within milliseconds, so no zombie is left
+                except subprocess.TimeoutExpired:
+                    pass
+            raise
+        except Exception as exc:  # noqa: BLE001 - the next call that takes it tries again
+            worker.kill()
+            log.warning("policy worker process could not be made ready: %s", exc)
+        if self._closed or self._idle is None:
+            worker.kill()
+        else:
+            self._idle.put_nowait(worker)
+
+    async def evaluate(self, compiled: CompiledBundle, text: bytes) -> str:
+        """The rule's value (JSON) for the projected input ``text``, from a worker."""
+        if self._closed:
+            raise EngineError("the embedded engine is closed")
+        if self._idle is None:
+            self.prepare(compiled)
+        assert self._idle is not None
+        worker = await self._idle.get()
+        done = False
+        try:
+            await worker.ensure(compiled)
+            kind, body = await worker.request(b"E", text)
+            done = True
+        except (OSError, EOFError) as exc:  # the process died or its pipes broke
+            raise EngineError(f"the policy worker process failed: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            if done:
+                self._idle.put_nowait(worker)
+            else:
+                self.killed += 1
+                proc = worker.kill()
+                if proc is not None:
+                    self._killed_procs = [p for p in self._killed_procs if p.poll() is None] + [proc]
+                self._background(self._make_ready(worker))
+        if kind != b"O":
+            raise EngineError(f"policy evaluation failed: {body.decode(errors='replace')}")
+        return body.decode()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        procs = [worker.kill() for worker in self._workers] + self._killed_procs
+        self._idle = None
+        self._workers, self._killed_procs = [], []
+        await asyncio.sleep(0)  # the pipe transports close on the next turn of the loop
+        for proc in procs:
+            if proc is not None:
+                try:
+                    proc.wait(1)  # killed: gone within milliseconds
+                except subprocess.TimeoutExpired:
+                    pass
+
+
 class EmbeddedEngine:
     """Engine protocol over regorus; see the module docstring."""
 
     name = "embedded"
 
     def __init__(self, rego_dir: str | Path, data_dir: str | Path | None,
-                 decision: str = "regate/decision", *, memo_size: int = _MEMO_SIZE) -> None:
+                 decision: str = "regate/decision", *, memo_size: int = _MEMO_SIZE, timeout_ms: int = 50,
+                 max_input_bytes: int = 2 << 20, inline_input_bytes: int = 16 << 10,
+                 eval_processes: int = 0) -> None:
         self.rego_dir = Path(rego_dir)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.decision = decision
         self.memo_size = memo_size
+        self.timeout_ms = timeout_ms
+        self._timeout_s = timeout_ms / 1000
+        self._cpu_budget_ns = timeout_ms * 1_000_000
+        self.max_input_bytes = max_input_bytes
+        self.inline_input_bytes = inline_input_bytes
+        # None: every input is evaluated on the loop (regate.yaml's default is one worker;
+        # built directly, as tools and tests do, the engine starts no process).
+        self.pool = EvaluationPool(eval_processes) if eval_processes > 0 else None
         self._compiled: CompiledBundle | None = None
         self._reload_lock: asyncio.Lock | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, decision: str = "regate/decision", *,
-                    memo_size: int = _MEMO_SIZE) -> "EmbeddedEngine":
-        engine = cls(bundle.rego_dir or Path("."), bundle.data_dir, decision, memo_size=memo_size)
+                    memo_size: int = _MEMO_SIZE, **limits: Any) -> "EmbeddedEngine":
+        engine = cls(bundle.rego_dir or Path("."), bundle.data_dir, decision, memo_size=memo_size, **limits)
         engine._compiled = CompiledBundle(bundle, decision, memo_size=memo_size)
         return engine
 
@@ -470,13 +774,28 @@ class EmbeddedEngine:
     async def start(self) -> None:
         if self._compiled is None:
             await self.reload()
+        elif self.pool is not None:
+            self.pool.prepare(self._compiled)
 
     async def evaluate(self, input: dict) -> Decision:  # noqa: A002 - the protocol's name
-        # No await: the decision is computed on the loop without yielding.
         compiled = self._compiled
         if compiled is None:
             raise EngineError("the embedded engine has not been started")
-        return compiled.decide(input)
+        text = compiled.input_bytes(input)
+        size = len(text)
+        if size > self.max_input_bytes:
+            raise PolicyInputTooLarge(size, self.max_input_bytes)
+        pool = self.pool
+        if pool is None or size <= self.inline_input_bytes:
+            # The hot path: decided on the loop, no await, no thread or process hop.
+            return compiled.decide_text(text.decode(), self._cpu_budget_ns)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                out = await pool.evaluate(compiled, text)
+        except TimeoutError:
+            raise EngineTimeout(f"the policy did not decide within policy.timeout_ms ({self.timeout_ms} ms) "
+                                f"on an input of {size} bytes") from None
+        return compiled.decision_from(out)  # large inputs are not memoised
 
     def evaluate_raw(self, input: dict) -> Any:  # noqa: A002
         return self.compiled.evaluate_raw(input)
@@ -491,7 +810,12 @@ class EmbeddedEngine:
             compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size)
             # The swap: one reference. A call sees the old bundle or the new one.
             self._compiled = compiled
+            if self.pool is not None:
+                self.pool.prepare(compiled)  # the workers follow, in the background
             return compiled.revision
 
     async def close(self) -> None:
         self._compiled = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = EvaluationPool(self.pool.size)  # a later start() starts fresh workers

@@ -7,9 +7,11 @@ built again from the call, and evaluated a second time with instrumentation:
 - embedded (regorus): on a clone of the serving bundle with coverage on. A rule
   fired when its head line was covered and one of its bodies (the rule's, an `else`)
   left no line uncovered (regorus marks the head once a body has succeeded).
-- opa: `POST /v1/data/<decision>?explain=full&pretty=true`; the rules the trace
-  shows exiting are the rules that produced a value. Asked in the background;
-  the trace shows `"state": "pending"` until OPA has answered.
+- opa: `POST /v1/data/<decision>?explain=full&pretty=true`; the rule
+  definitions the trace shows exiting are the ones that produced a value, at
+  the `file:row` OPA prints (its JSON trace has no locations); their literals
+  come from the source OPA serves (`GET /v1/policies`). Asked in the
+  background; the trace shows `"state": "pending"` until OPA has answered.
 
 A reason is linked to the fired rules whose string literals match it (a
 `sprintf` template such as "Agent '%s' may not ..." matches the sentence it
@@ -229,23 +231,40 @@ def _ref_name(node: Any) -> str | None:
 
 
 class OpaExplainer(_Explainer):
-    """Asks the OPA server for `explain=full` in the background."""
+    """Asks the OPA server for `explain=full&pretty=true` in the background.
+
+    What OPA v1 gives: its JSON trace (`explain=full`) carries no locations at
+    all, and its pretty trace gives every event's `file:row` and, for a rule,
+    its path (`Exit data.regate.tools.shell.refusals` at the row of that
+    definition's head, or of its `else`) but not its body. So the rules and
+    their locations come from the pretty trace, and the string literals that
+    link a reason to its rule from the source OPA serves (`GET /v1/policies`,
+    fetched once per revision). Where OPA refuses that (authorization), the
+    rules are still listed, the reasons are left unlinked, and `note` says why.
+    """
 
     engine_name = "opa"
+    method = "explain=full&pretty=true"
 
     def __init__(self, mode: str, policy: Any, engine: Any, token: str | None = None,
                  timeout_s: float = 2.0) -> None:
         super().__init__(mode, policy)
-        self.url = f"{engine.url}/v1/data/{engine.decision}?explain=full&pretty=true"
+        self.engine = engine
+        # strict-builtin-errors as on the decision itself: the same evaluation, traced.
+        self.url = f"{engine.url}/v1/data/{engine.decision}?explain=full&pretty=true&strict-builtin-errors=true"
+        self.policies_url = f"{engine.url}/v1/policies"
         self.token = token
         self.timeout_s = timeout_s
         self._session: Any = None
         self._tasks: set[asyncio.Task] = set()
+        # The module sources OPA serves, by policy id, and the revision they were read at.
+        self._sources: dict[str, str] | None = None
+        self._sources_for: str | None = None
         # Explanations can be slow and large: at most this many in flight; the rest are skipped.
         self.max_in_flight = 8
 
     def explain(self, call: Any) -> dict[str, Any]:
-        result: dict[str, Any] = {"engine": "opa", "method": "explain=full", "state": "pending"}
+        result: dict[str, Any] = {"engine": "opa", "method": self.method, "state": "pending"}
         if len(self._tasks) >= self.max_in_flight:
             # NOTE: deliberately lossy: a flood of denials must not become a flood of
             # explain queries at OPA; the trace says this one was skipped.
@@ -259,29 +278,63 @@ class OpaExplainer(_Explainer):
         task.add_done_callback(self._tasks.discard)
         return result
 
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
     async def _ask(self, doc: dict, reasons: list[str], result: dict[str, Any]) -> None:
         import aiohttp
 
         try:
             if self._session is None:
                 self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-            headers = {"Content-Type": "application/json"}
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
-            async with self._session.post(self.url, data=orjson.dumps({"input": doc}), headers=headers) as r:
-                body = orjson.loads(await r.read())
+            async with self._session.post(self.url, data=orjson.dumps({"input": doc}), headers=self._headers()) as r:
+                raw = await r.read()
                 if r.status != 200:
-                    raise RuntimeError(f"OPA answered {r.status}")
+                    raise RuntimeError(f"OPA answered {r.status}: {raw[:200].decode('utf-8', 'replace')}")
+                body = orjson.loads(raw)
         except Exception as exc:  # noqa: BLE001 - an explanation is best effort
             result.update(state="error", error=f"{exc.__class__.__name__}: {str(exc)[:300]}")
             return
         events = body.get("explanation") if isinstance(body, dict) else None
-        if not isinstance(events, list):
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
             result.update(state="done", rules=[], reasons=link_reasons(reasons, []),
-                          note="the OPA server returned no explanation (is ?explain supported there?)")
+                          note="the OPA server returned no pretty explanation (is ?explain=full&pretty "
+                               "supported there?)")
             return
         rules = opa_fired_rules(events)
-        result.update(state="done", rules=_public(rules), reasons=link_reasons(reasons, rules))
+        sources, why = await self._policy_sources({r["_file"] for r in rules})
+        if sources is not None:
+            add_sources(rules, sources)
+        note = ("rules and locations from OPA's pretty trace (OPA's JSON trace carries no locations); "
+                "reasons linked through the rule source OPA serves (GET /v1/policies)")
+        if why:
+            note = (f"rules and locations from OPA's pretty trace; the reasons are not linked to rules: "
+                    f"{why}, and OPA's trace alone does not say which rule made which sentence "
+                    "(nor the whole of a long file path: OPA's trace writes part of it as '...')")
+        result.update(state="done", rules=_public(rules), reasons=link_reasons(reasons, rules), note=note)
+
+    async def _policy_sources(self, files: set[str]) -> tuple[dict[str, str] | None, str]:
+        """The source of each module OPA serves, by policy id; (None, why) when OPA does not say."""
+        revision = getattr(self.engine, "revision", None)
+        cached = self._sources
+        if (cached is not None and self._sources_for == revision
+                and all(_source_of(cached, f) is not None for f in files)):
+            return cached, ""
+        try:
+            async with self._session.get(self.policies_url, headers=self._headers()) as r:
+                raw = await r.read()
+                if r.status != 200:
+                    return None, f"GET /v1/policies answered {r.status}"
+                body = orjson.loads(raw)
+            sources = {m["id"]: m["raw"] for m in body.get("result", ())
+                       if isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("raw"), str)}
+        except Exception as exc:  # noqa: BLE001 - an explanation is best effort
+            return None, f"GET /v1/policies failed ({exc.__class__.__name__}: {str(exc)[:200]})"
+        self._sources, self._sources_for = sources, revision
+        return sources, ""
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -291,75 +344,104 @@ class OpaExplainer(_Explainer):
             self._session = None
 
 
-_PRETTY = re.compile(r"^(?P<loc>\S+:\d+)\s+(?:\|\s*)*(?P<op>[A-Z][a-z]+)\s+(?P<node>.*)$")
-_RULE_HEAD = re.compile(r"^(?:default\s+)?(?P<name>[A-Za-z_][\w.]*(?:\[[^\]]*\])?)\s*(?:contains\b|:=|=|if\b|\()")
+# One line of OPA's pretty trace: `<file:row or query:1>  | | <Op> <node>`.
+_PRETTY = re.compile(r"^(?P<loc>\S+)\s+(?P<depth>(?:\|\s)*)(?P<op>[A-Z][a-z]+)\s(?P<node>.*)$")
+_RULE_PATH = re.compile(r"^data\.\S+$")
+_LOC = re.compile(r"^(?P<file>.+):(?P<row>\d+)$")
 
 
-def opa_fired_rules(events: list[Any]) -> list[dict[str, Any]]:
-    """The rules OPA's trace shows exiting (producing a value), once each, by location.
+def opa_fired_rules(lines: list[str]) -> list[dict[str, Any]]:
+    """The rule definitions OPA's pretty trace shows exiting (producing a value), once each.
 
-    Takes either shape OPA writes: raw events (`{"op": "exit", "type": "rule",
-    "node": {...rule...}, "location": ...}`, the node or location possibly as
-    text) or the pretty trace (`explain=full&pretty=true`: lines such as
-    `rego/x.rego:23   | | Exit deny contains msg if { ... }`).
+    A rule is entered and exited as its path (`Enter data.regate.deny`), at the
+    row of the definition that OPA evaluates (each `deny contains ...` and each
+    `else` is its own). The body of a `not` or a comprehension is entered as its
+    expression and evaluated as the same text next (`Enter data.x.plain`,
+    `Eval data.x.plain`): those are not rules, even when the text is a path.
     """
+    events = []
+    for line in lines:
+        m = _PRETTY.match(line.rstrip())
+        if m is not None:
+            events.append((m.group("loc"), m.group("depth").count("|"), m.group("op"), m.group("node")))
+    rule_enters: set[tuple[str, str]] = set()
+    for i, (loc, depth, op, node) in enumerate(events):
+        if op != "Enter" or not _RULE_PATH.match(node):
+            continue
+        nxt = events[i + 1] if i + 1 < len(events) else None
+        if nxt is not None and nxt[1] == depth + 1 and nxt[2] == "Eval" and nxt[3] == node:
+            continue  # the body of a `not` / comprehension, not a rule
+        rule_enters.add((loc, node))
     seen: dict[str, dict[str, Any]] = {}
-    for ev in events:
-        if isinstance(ev, str):
-            m = _PRETTY.match(ev.strip())
-            if m is None:
-                continue
-            op, node, loc = m.group("op"), m.group("node"), m.group("loc")
-            kind = None
-        elif isinstance(ev, dict):
-            op, node, loc, kind = str(ev.get("op", "")), ev.get("node"), ev.get("location"), ev.get("type")
-        else:
+    for loc, _, op, node in events:
+        if op != "Exit":
             continue
-        if op.lower() != "exit":
+        node = node.removesuffix(" early")
+        m = _LOC.match(loc)
+        if m is None or m.group("file") == "query" or loc in seen or (loc, node) not in rule_enters:
             continue
-        if isinstance(node, dict):
-            if kind not in (None, "rule") or "head" not in node:
-                continue
-            head = node["head"]
-            name = head.get("name") or ".".join(
-                str(t.get("value")) for t in head.get("ref", []) if isinstance(t, dict)) or "?"
-            literals = _strings(node)
-            loc = loc or node.get("location")
-        elif isinstance(node, str):
-            # A rule prints as its head and body ("deny contains x if { ... }"); an expression does not.
-            if kind not in (None, "rule") or (" if {" not in node and not node.startswith("default ")):
-                continue
-            m = _RULE_HEAD.match(node)
-            name = m.group("name") if m else node.split(" ", 1)[0]
-            literals = [m.group(2) if m.group(2) is not None else _unescape(m.group(1)) for m in _STRING.finditer(node)]
-        else:
-            continue
-        if isinstance(loc, dict):
-            where = f"{loc.get('file', '?')}:{loc.get('row', '?')}"
-        else:
-            where = str(loc) if loc else f"?:{name}"
-        if ":" not in where or where.startswith("data.") or where in seen:
-            continue  # the query itself ("data.regate.decision"), or a rule already listed
-        seen[where] = {
-            "rule": name,
-            "location": where,
-            "_patterns": [p for p in (_template(lit) for lit in literals) if p is not None],
-        }
+        seen[loc] = {"rule": node, "location": loc, "_file": m.group("file"), "_row": int(m.group("row")),
+                     "_patterns": []}
     return list(seen.values())
 
 
-def _strings(node: Any) -> list[str]:
-    out: list[str] = []
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if isinstance(cur, dict):
-            if cur.get("type") == "string" and isinstance(cur.get("value"), str):
-                out.append(cur["value"])
-            stack.extend(cur.values())
-        elif isinstance(cur, list):
-            stack.extend(cur)
-    return out
+def _source_of(sources: dict[str, str], file: str) -> tuple[str, str] | None:
+    """(the full file name, the source) of the module OPA names `file` in its trace.
+
+    OPA's policy ids drop the leading "/" of an absolute path, and a bundle's
+    module id is `<bundle>/rego/x.rego` where the trace says `/rego/x.rego`: the
+    trace's name is the id, or a "/"-started tail of it. OPA's pretty trace also
+    shortens long paths by writing "..." for a part they share
+    (`/tmp/...-0/rego/x.rego`): such a name is the one tail it fits."""
+    if file in sources:
+        return file, sources[file]
+    if "..." in file:
+        head, _, rest = file.partition("...")
+        pattern = re.compile(re.escape(head) + ".+" + re.escape(rest))
+        fits = pattern.fullmatch
+    else:
+        fits = file.__eq__
+    found: set[tuple[str, str]] = set()
+    for pid, src in sources.items():
+        path = pid if pid.startswith("/") else "/" + pid
+        tails = [path[i:] for i, ch in enumerate(path) if ch == "/"]
+        if not file.startswith("/"):
+            tails += [t[1:] for t in tails]
+        found.update((t, pid) for t in tails if fits(t))
+    if len(found) != 1:
+        return None
+    name, pid = found.pop()
+    return name, sources[pid]
+
+
+def rule_text(source: str, row: int) -> str:
+    """The text of the rule definition whose head is at `row`: up to the next line that
+    starts a definition (column 0, not a closing bracket) or its `else`."""
+    lines = source.splitlines()
+    if not 1 <= row <= len(lines):
+        return ""
+    out = [lines[row - 1]]
+    for line in lines[row:]:
+        if line.startswith("}") and line[1:].lstrip().startswith("else"):
+            break
+        if line and not line[0].isspace() and line[0] not in "})]":
+            break
+        out.append(line)
+    return "\n".join(out)
+
+
+def add_sources(rules: list[dict[str, Any]], sources: dict[str, str]) -> None:
+    """Each rule's full file name and its string literals, from the source OPA serves."""
+    for rule in rules:
+        found = _source_of(sources, rule["_file"])
+        if found is None:
+            continue
+        name, source = found
+        rule["location"] = f"{name}:{rule['_row']}"
+        text = rule_text(source, rule["_row"])
+        pats = (_template(m.group(2) if m.group(2) is not None else _unescape(m.group(1)))
+                for m in _STRING.finditer(text))
+        rule["_patterns"] = [p for p in pats if p is not None]
 
 
 def build_explainer(mode: str, engine: Any, policy: Any, opa_token: str | None = None) -> Any:

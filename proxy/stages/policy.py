@@ -22,26 +22,15 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..engines import Engine
+from ..engines import Engine, EngineTimeout, PolicyInputTooLarge
 from ..engines.decision import DecisionError, EngineError
+from ..forwarded_headers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, is_regate_own
 from ..metrics import Metrics
 from ..pipeline import Call, Rejection
 
 log = logging.getLogger("regate.policy")
 
 INPUT_VERSION = 1
-# Never shown to policy: they are secrets, and policies (and their logs,
-# traces, explain output) are not the place for secrets.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
-
-
-def _query(raw: str) -> dict[str, list[str]]:
-    from urllib.parse import parse_qsl
-
-    out: dict[str, list[str]] = {}
-    for k, v in parse_qsl(raw, keep_blank_values=True):
-        out.setdefault(k, []).append(v)
-    return out
 
 
 class PolicyStage:
@@ -51,29 +40,35 @@ class PolicyStage:
         self.engine = engine
         self.metrics = metrics
         self.mode = cfg.policy.mode
-        self.hidden_headers = CREDENTIAL_HEADERS | {cfg.auth.header.lower()}
+        # Per tool: the headers the policy is not shown — identity headers the tool never
+        # gets (forwarded_headers), and credentials, which are secrets: policies (and their
+        # logs, traces, explain output) are not the place for secrets.
+        own = CREDENTIAL_HEADERS | {cfg.auth.header.lower()}
+        self.hidden_headers = {t.name: own | (IDENTITY_HEADERS - set(t.pass_headers)) for t in cfg.tools}
         # Set by the app when an approval stage follows this one.
         self.approvals_enabled = False
         # Set by the app: the gpu stage (state.gpu comes from its controller) and the
         # ratelimit stage (which enforces the decision's `limits`); None when not configured.
         self.gpu: Any = None
         self.limits: Any = None
+        # Set by the app when decision_logs.url is configured (proxy/decisionlogs).
+        self.decision_log: Any = None
 
     def input_document(self, call: Call) -> dict[str, Any]:
         request = call.request
         tool = call.tool
-        hidden = self.hidden_headers
+        hidden = self.hidden_headers[tool.name]
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             low = name.lower()
-            if low in hidden:
+            if low in hidden or is_regate_own(low):
                 continue
             if not value.isascii():
                 # Not UTF-8 on the wire (aiohttp kept the bytes as surrogates): the
                 # policy sees replacement characters, not an encoding error.
                 value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             headers[low] = f"{headers[low]}, {value}" if low in headers else value
-        qs = request.query_string
+        extra = call.extra
         return {
             "version": INPUT_VERSION,
             "agent": {"id": call.agent, "claims": call.claims},
@@ -85,19 +80,26 @@ class PolicyStage:
             "request": {
                 "method": request.method,
                 "path": request.path,
-                "query": _query(qs) if qs else {},
+                # Decoded once from the raw query (read_body), as the tool decodes it.
+                "query": extra.get("query", {}),
+                "query_pairs": extra.get("query_pairs", []),
                 "headers": headers,
                 "body": call.body_json,
+                # What the tool takes as its arguments (tool.arguments: body, query or
+                # both, merged once read_body has refused any key given twice).
+                "arguments": extra.get("arguments"),
                 "body_sha256": call.body_sha256,
                 "size": call.body_size,
             },
-            "mcp": call.extra.get("mcp"),
-            "state": call.extra.get("state", {}),
+            "mcp": extra.get("mcp"),
+            "state": extra.get("state", {}),
             "time_ns": time.time_ns(),
         }
 
-    def _cannot_decide(self, call: Call, kind: str, detail: str) -> Rejection | None:
+    def _cannot_decide(self, call: Call, kind: str, detail: str, doc: Any = None, t: tuple = ()) -> Rejection | None:
         tool = call.tool
+        if self.decision_log is not None and t:
+            self.decision_log.log(call, doc, None, *t, error={"code": kind, "message": detail})
         self.metrics.policy_errors.labels(tool.name, kind).inc()
         if tool.fail_open:
             # NOTE: deliberately lossy. The operator marked this tool fail_open:
@@ -111,6 +113,7 @@ class PolicyStage:
                          reasons=[detail])
 
     async def enter(self, call: Call) -> Rejection | None:
+        started = time.perf_counter_ns() if self.decision_log is not None else 0
         engine = self.engine
         call.revision = engine.revision
         call.response_headers["X-Regate-Policy-Revision"] = engine.revision
@@ -124,16 +127,27 @@ class PolicyStage:
                 if state is None:
                     state = call.extra["state"] = {}
                 state["gpu"] = gpu
+        doc = self.input_document(call)
+        t = (started, time.perf_counter_ns()) if started else ()
         try:
-            decision = await engine.evaluate(self.input_document(call))
+            decision = await engine.evaluate(doc)
+        except PolicyInputTooLarge as exc:
+            # Not an engine failure, so never failed open: a fail_open tool would
+            # otherwise let any call through unjudged by making it big enough.
+            self.metrics.policy_errors.labels(call.tool.name, "input_too_large").inc()
+            return Rejection(413, "policy_input_too_large", str(exc))
+        except EngineTimeout as exc:
+            return self._cannot_decide(call, "timeout", str(exc), doc, t)
         except EngineError as exc:
-            return self._cannot_decide(call, "engine_error", str(exc))
+            return self._cannot_decide(call, "engine_error", str(exc), doc, t)
         except DecisionError as exc:
-            return self._cannot_decide(call, "bad_decision", str(exc))
+            return self._cannot_decide(call, "bad_decision", str(exc), doc, t)
         except Exception as exc:  # an engine bug must still end in a decision, never a 500
             log.exception("policy engine raised unexpectedly")
-            return self._cannot_decide(call, "engine_error", f"{exc.__class__.__name__}: {exc}")
+            return self._cannot_decide(call, "engine_error", f"{exc.__class__.__name__}: {exc}", doc, t)
         call.decision = decision
+        if self.decision_log is not None:  # the exact document the engine was given, by reference
+            self.decision_log.log(call, doc, decision.raw, *t)
 
         mode = call.tool.policy_mode or self.mode
         if not decision.allow:

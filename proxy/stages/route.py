@@ -2,7 +2,11 @@
 
 The tool a call reaches must always be the one the policy judged, so paths
 that could be read differently by Regate and by the upstream (dot segments,
-encoded slashes or backslashes, double encoding) are refused outright.
+encoded slashes or backslashes, double encoding) are refused outright, and so
+is any request target that is not a path (absolute-form `http://host/x`,
+CONNECT's `host:443`, `OPTIONS *`) or carries a fragment: the data port is not
+a forward proxy. Route is also the last stage before the body is read, so it
+answers `Expect: 100-continue` itself (the expectation is never forwarded).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from urllib.parse import unquote
+
+from aiohttp import web
 
 from ..config import Tool
 from ..pipeline import Call, Rejection
@@ -26,6 +32,10 @@ _STRUCTURAL = "./\\%;"
 # Path parameters (`;x`), also encoded: `..;x` and `..%3bx` are `..` to servers that
 # strip parameters (Tomcat, Spring, Jetty; some after decoding).
 _PARAMS = re.compile(r";|%3b", re.IGNORECASE)
+
+
+# The interim answer to an agent that waits before sending its body (RFC 9110 §10.1.1).
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _normalises_into_structure(path: str) -> bool:
@@ -58,7 +68,14 @@ class Route:
         return None
 
     async def enter(self, call: Call) -> Rejection | None:
-        raw = call.request.raw_path
+        request = call.request
+        raw = request.raw_path
+        if raw[:1] != "/" or "#" in raw:
+            # Origin-form only (RFC 9112 §3.2.1). An absolute-form target names a host the
+            # route table never judged, and Regate builds the upstream URL from the path.
+            return Rejection(400, "bad_path", "the request target must be a path such as /tools/<name>/…, "
+                             "without a fragment: this is a policy proxy in front of its tools, not a forward "
+                             "proxy (no http://host/… targets, CONNECT or OPTIONS *)")
         path = raw.split("?", 1)[0]
         if "\\" in path or _AMBIGUOUS.search(path):
             return Rejection(400, "bad_path", "path contains encoded dots, slashes, backslashes or percent signs")
@@ -74,7 +91,29 @@ class Route:
         call.tool, rest = found
         call.tool_key = call.tool.name
         call.upstream_path = rest + raw[len(path):]  # the raw query string, untouched
+        if "Expect" in request.headers:
+            return _expect(request)
         return None
 
     def leave(self, call: Call) -> None:
         pass
+
+
+def _expect(request: web.BaseRequest) -> Rejection | None:
+    """Answer the agent's expectation here: `100-continue` gets its `100 Continue`
+    now (the body is read next), anything else is 417. The forwarder never passes
+    `Expect` on, so no upstream can keep a call waiting for an interim answer."""
+    for value in request.headers.getall("Expect"):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token and token != "100-continue":
+                return Rejection(417, "expectation_failed",
+                                 f"Regate meets no expectation but 100-continue; drop the Expect: {token[:100]} header")
+    transport = request.transport
+    # An HTTP/1.0 client gets no interim response (RFC 9110 §10.1.1); neither does a
+    # request with no body, nor one whose connection is already gone.
+    if request.version >= (1, 1) and request.body_exists and transport is not None:
+        # Written straight to the socket, not through the response writer: no
+        # response has started, and the writer's byte count must not say one has.
+        transport.write(_CONTINUE)
+    return None

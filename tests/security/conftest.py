@@ -105,6 +105,8 @@ def hostile(witness, keys_file, tmp_path_factory):
     """Regate as agents meet it: API keys, the shipped Rego, tight http limits, async approvals."""
     tmp = tmp_path_factory.mktemp("hostile")
     tools = [{"name": t, "upstream": witness.upstream(t), "timeout_ms": 5000} for t in TOOLS]
+    # search takes uploads the policy does not read (bodies of other types than JSON).
+    tools[TOOLS.index("search")]["unread_body"] = "forward"
     # A stalled download is cut at its deadline: short here so the test is quick.
     tools.append({"name": "dl", "upstream": witness.upstream("dl"), "timeout_ms": 1500})
     cfg = {

@@ -41,7 +41,7 @@ def regate(upstream, keys_file, tmp_path_factory):
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys_file)},
         "policy": {"rego": str(tmp / "rego"), "data": str(tmp / "data")},
-        "tools": [{"name": "vault", "upstream": upstream, "timeout_ms": 5000}],
+        "tools": [{"name": "vault", "upstream": upstream, "timeout_ms": 5000, "unread_body": "forward"}],
         "limits": {"enabled": False},
         "approvals": {"mode": "async"},
         "http": {"body_timeout_s": BODY_TIMEOUT_S, "shutdown_grace_s": 1},

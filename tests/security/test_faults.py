@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -31,6 +30,7 @@ from tests.conftest import AGENT_KEY, OTHER_KEY
 from tests.security.conftest import (
     HERE, assert_error, audit_for, audit_records, exchange, policy_data, request,
 )
+from tests.support.opa_server import OpaServer, shipped_paths
 from tests.support.procs import ROOT, Process, RegateProcess, free_port
 from tests.support.redis_server import RedisServer
 
@@ -116,33 +116,45 @@ def test_a_stream_the_tool_resets_midway_is_cut_not_completed(fronted):
 
 # ------------------------------------------------------------------ OPA down or slow
 
+# Put into the running OPA (package regate): a second definition of the decision.
+# SLOW finds nothing after a million iterations, so the shipped decision stands,
+# seconds late; CONFLICT gives the decision two values: OPA's own 500.
+OPA_SLOW = """package regate
 
-def _start_opa(port: int, data_dir: Path) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, str(ROOT / "tests/support/opa_rest_server.py"), "--port", str(port),
-                          "--rego", str(ROOT / "rego"), "--data", str(data_dir)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = p.stdout.readline()
-    assert line.startswith("listening on"), line
-    return p
+decision := {"allow": false} if faults_collision
+
+faults_collision if {
+	n := 1000 + count(input.agent)
+	some a in numbers.range(1, n)
+	some b in numbers.range(1, n)
+	a * b == -1
+}
+"""
+OPA_CONFLICT = """package regate
+
+decision := {"allow": false} if input.version == 1
+"""
 
 
 def test_opa_slow_failing_or_down_fails_closed_and_recovers(witness, keys_file, tmp_path):
+    """Against the real OPA (`opa run --server`): made slow and made to answer 500 by
+    policies put into it while Regate runs, then stopped and started again on its port."""
     data = policy_data(tmp_path)
-    opa_port = free_port()
-    opa = _start_opa(opa_port, data)
-    regate = RegateProcess({
-        "auth": {"mode": "api_key", "keys": str(keys_file)},
-        "policy": {"engine": "opa", "opa": {"url": f"http://127.0.0.1:{opa_port}"}, "timeout_ms": 150,
-                   "rego": str(ROOT / "rego"), "data": str(data)},
-        "tools": [{"name": "search", "upstream": witness.upstream("search")},
-                  {"name": "lenient", "prefix": "/tools/lenient", "upstream": witness.upstream("lenient"),
-                   "fail_open": True}],
-        "audit": {"dir": str(tmp_path / "audit"), "fsync": "never"},
-        "approvals": {"enabled": False},
-    }, tmp_path)
-    audit_dir = tmp_path / "audit"
-    faults = f"http://127.0.0.1:{opa_port}/_test/faults"
+    opa = OpaServer(*shipped_paths(ROOT / "rego", data)).start()
+    regate = None
     try:
+        regate = RegateProcess({
+            "auth": {"mode": "api_key", "keys": str(keys_file)},
+            "policy": {"engine": "opa", "opa": {"url": opa.url}, "timeout_ms": 150,
+                       "rego": str(ROOT / "rego"), "data": str(data)},
+            "tools": [{"name": "search", "upstream": witness.upstream("search")},
+                      {"name": "lenient", "prefix": "/tools/lenient", "upstream": witness.upstream("lenient"),
+                       "fail_open": True}],
+            "audit": {"dir": str(tmp_path / "audit"), "fsync": "never"},
+            "approvals": {"enabled": False},
+        }, tmp_path)
+        audit_dir = tmp_path / "audit"
+
         def call(tool: str = "search") -> tuple:
             before = witness.count()
             t0 = time.monotonic()
@@ -153,16 +165,19 @@ def test_opa_slow_failing_or_down_fails_closed_and_recovers(witness, keys_file, 
         assert resp.status == 200 and len(got) == 1
 
         refused = []
-        for fault in ({"delay_ms": 600}, {"status": 500}):
-            _json(faults, fault)
+        for fault, source, why in (("slow", OPA_SLOW, "did not answer within 150 ms"),
+                                   ("500", OPA_CONFLICT, "answered 500")):
+            opa.put_policy("faults", source)
             resp, took, got = call()
             refused.append(assert_error(resp, 403, "policy_error"))
+            assert any(why in r for r in refused[-1]["reasons"]), (fault, refused[-1])
             assert took < 1.0, (fault, took)
             assert got == []
-        _json(faults, {})
+            opa.delete_policy("faults")
+        assert call()[0].status == 200  # OPA well again: the same session decides again
 
-        opa.kill()
-        opa.wait()
+        port = opa.port
+        opa.stop()
         resp, took, got = call()
         refused.append(assert_error(resp, 403, "policy_error"))
         assert took < 1.0 and got == []
@@ -171,7 +186,8 @@ def test_opa_slow_failing_or_down_fails_closed_and_recovers(witness, keys_file, 
         assert resp.status == 200 and len(got) == 1
         assert audit_for(audit_dir, resp.decision_id, "decision")[0]["decision"] == "allow_fail_open"
 
-        opa = _start_opa(opa_port, data)
+        assert opa.port == port
+        opa.start()  # the same port, as a restarted sidecar would be
         deadline = time.monotonic() + 10
         while (resp := call()[0]).status != 200:
             assert time.monotonic() < deadline, "Regate did not recover once OPA was back"
@@ -180,9 +196,9 @@ def test_opa_slow_failing_or_down_fails_closed_and_recovers(witness, keys_file, 
             recs = audit_for(audit_dir, err["decision_id"], "decision")
             assert [(r["decision"], r["code"]) for r in recs] == [("deny", "policy_error")]
     finally:
-        regate.stop()
-        opa.kill()
-        opa.wait()
+        if regate is not None:
+            regate.stop()
+        opa.close()
 
 
 # ------------------------------------------------------------------ Redis down for approvals

@@ -192,7 +192,7 @@ def test_paths_that_could_leave_their_route_are_refused(judge, path):
 
 
 @pytest.mark.parametrize("path", ["//tools/shell/run", "/TOOLS/shell/run", "/tools/searchshell/run", "/tools",
-                                  "http://127.0.0.1/tools/shell/run", "/tools/%73hell/run"])
+                                  "/tools/%73hell/run"])
 def test_paths_outside_every_route_are_404(judge, path):
     judge.refused(request("POST", path, body=b'{"command": "id"}', content_type="application/json"), 404,
                   "unknown_tool")
@@ -217,8 +217,14 @@ def test_connect_and_absolute_form_never_tunnel(judge):
                     + b"GET /t/shell/x HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
     assert got == []
     assert ex.responses and 400 <= ex.responses[0].status < 500, ex
+    # Absolute-form: the data port is not a forward proxy (tests/security/test_deadlines.py has the rest).
     ex, got = judge(request("GET", f"http://127.0.0.1:{port}/t/shell/x"))
-    assert got == [] and ex.first.status == 404
+    assert got == []
+    assert_error(ex.first, 400, "bad_path")
+    ex, got = judge(request("POST", "http://127.0.0.1/tools/shell/run", body=b'{"command": "id"}',
+                            content_type="application/json"))
+    assert got == []
+    assert_error(ex.first, 400, "bad_path")
 
 
 @pytest.mark.parametrize("upgrade", [b"websocket", b"h2c"])
@@ -326,12 +332,12 @@ def test_duplicate_keys_cannot_split_what_policy_and_tool_read(judge):
                   400, "bad_json")
 
 
-def test_a_json_body_labelled_otherwise_is_judged_as_no_body(judge):
-    """Only JSON-typed bodies are parsed; the policy then sees body null, and a tool whose policy
-    needs arguments refuses (SECURITY.md: policies must deny on absent arguments)."""
+def test_a_json_body_labelled_otherwise_is_refused_before_the_policy(judge):
+    """Only application/json bodies are parsed; one of another type would reach the tool
+    unjudged (some tools parse JSON whatever the type), so it is refused (415)."""
     body = b'{"amount": 50, "to": "ACME"}'
     judge.refused(request("POST", "/tools/payments/pay", key=OTHER_KEY, body=body, content_type="text/plain"),
-                  403, "policy_denied")
+                  415, "unsupported_media_type")
     # Two Content-Types (policy could read one, the tool the other): the parser refuses it.
     judge.parser_refused(request("POST", "/tools/payments/pay", key=OTHER_KEY, body=body,
                                  headers=[("Content-Type", "application/json"), ("Content-Type", "text/plain")]))
@@ -366,10 +372,12 @@ def test_big_but_sane_json_is_judged_and_forwarded_intact(judge):
 
     import orjson
 
-    doc = {"command": "ls", "items": [{"id": i, "url": f"http://x:{i}/a:b", "v": i * 0.5} for i in range(5000)]}
+    # On search: the shell policy takes no argument but `command` (test_shipped_policy).
+    doc = {"q": "ls", "items": [{"id": i, "url": f"http://x:{i}/a:b", "v": i * 0.5} for i in range(5000)]}
     body = orjson.dumps(doc)
     assert len(body) < 1 << 20
-    _, rec = judge.forwarded(request("POST", "/tools/shell/run", body=body, content_type="application/json"), "shell")
+    _, rec = judge.forwarded(request("POST", "/tools/search/run", body=body, content_type="application/json"),
+                             "search")
     assert rec["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
@@ -386,3 +394,38 @@ def test_a_utf8_header_value_reaches_the_tool_as_sent(judge):
     utf8 = "café ☕".encode().decode("latin-1")  # request() writes Latin-1: these are the UTF-8 bytes
     _, rec = judge.forwarded(request("GET", "/tools/search/q", headers=[("X-Note", utf8)]), "search")
     assert ["X-Note", "café ☕"] in rec["headers"]
+
+
+# ------------------------------------------------------------------ one representation, shipped policy
+
+
+def test_a_json_looking_type_cannot_hide_the_query_from_the_shell_policy(judge):
+    # A tool that reads JSON only for application/json would run the query's command.
+    judge.refused(request("POST", "/tools/shell/run?command=rm%20-rf%20/", body=b'{"command": "ls"}',
+                          content_type="application/merge-patch+json"), 415, "unsupported_media_type")
+    # Not JSON at all: the body is unread, so the tool would act on the query, which is judged.
+    judge.refused(request("POST", "/tools/shell/run?command=rm%20-rf%20/", body=b"ls", content_type="text/plain"),
+                  415, "unsupported_media_type")
+
+
+def test_a_payment_cannot_be_judged_from_the_body_and_paid_from_the_query(judge):
+    judge.refused(request("POST", "/tools/payments/transfer?amount=5000000&to=evil", key=OTHER_KEY,
+                          body=b'{"amount": 50, "to": "acme"}', content_type="application/json"),
+                  400, "ambiguous_arguments")
+    # The query alone is judged: a string amount is no positive number.
+    err = judge.refused(request("POST", "/tools/payments/transfer?amount=5000000&to=evil", key=OTHER_KEY),
+                        403, "policy_denied")
+    assert any("amount" in r for r in err["reasons"]), err
+
+
+def test_a_payment_in_utf7_is_refused_before_the_policy(judge):
+    body = b'{"amount": 50, "to": "acme", "memo": "+ACIALA- +ACI-amount+ACI-: 5000000"}'
+    judge.refused(request("POST", "/tools/payments/transfer", key=OTHER_KEY, body=body,
+                          content_type="application/json; charset=utf-7"), 415, "unsupported_charset")
+
+
+def test_query_arguments_are_judged_by_the_shipped_shell_rule(judge):
+    # arguments: both: a body and a query together; the policy judges the query's command too.
+    err = judge.refused(request("POST", "/tools/shell/run?cwd=/etc", body=b'{"command": "ls"}',
+                                content_type="application/json"), 403, "policy_denied")
+    assert err["reasons"], err

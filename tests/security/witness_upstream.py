@@ -2,7 +2,7 @@
 
 Run as `python tests/security/witness_upstream.py PORT`. Every request is recorded
 the moment its handler starts: decision id, method, raw path and query, headers,
-and (once read) the body's length and SHA-256. Tools are mounted under `/t/<tool>/…`
+and (once read) the body's length, SHA-256 and, up to 1 MiB, its bytes (base64). Tools are mounted under `/t/<tool>/…`
 (`upstream: http://127.0.0.1:PORT/t/<tool>`), so the record says which route's
 upstream a call reached.
 
@@ -18,6 +18,7 @@ upstream a call reached.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import sys
 
@@ -45,6 +46,8 @@ async def tool(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     rec["body_size"] = len(body)
     rec["body_sha256"] = hashlib.sha256(body).hexdigest()
+    # The bytes themselves (small bodies): tests parse them as a tool would.
+    rec["body_b64"] = base64.b64encode(body).decode() if len(body) <= 1 << 20 else None
     rec["complete"] = True
     tail = request.match_info["tail"]
     if tail == "slow":
