@@ -329,12 +329,14 @@ class ReadBody:
             if looks_like_json(kind):
                 return _unsupported(f"{kind[:60]} is read as JSON by some tools and not by others; send "
                                     "application/json")
-            if (tool.arguments != "query" and tool.unread_body == "refuse" and tool.protocol != "mcp"
+            if (tool.unread_body == "refuse" and tool.protocol != "mcp"
                     and (allowed is None or kind not in allowed)):
                 # Some tools (aiohttp's and Starlette's request.json()) parse JSON whatever the
-                # type: a body the policy did not read could carry arguments it never judged.
-                return _unsupported(f"tool {tool.name!r} reads arguments from its body, and the policy reads "
-                                    f"only application/json bodies, not {kind[:60] or 'one without a Content-Type'}")
+                # type, even tools said to read only their query: a body the policy did not
+                # read could carry arguments it never judged.
+                return _unsupported(f"the policy reads only application/json bodies, not "
+                                    f"{kind[:60] or 'one without a Content-Type'}; tool {tool.name!r} does not "
+                                    "take unread bodies (unread_body: forward)")
         if tool.arguments == "query" and (json_body or kind in FORM_TYPES):
             return _ambiguous(f"tool {tool.name!r} reads its arguments from the query string; send no "
                               f"{kind} body")

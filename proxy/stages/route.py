@@ -24,7 +24,9 @@ from ..pipeline import Call, Rejection
 # look one way to Regate and another to the upstream. So do %c0/%c1 (overlong UTF-8
 # for '.' and '/', which lax decoders accept) and a '%' not followed by two hex digits
 # (IIS's %u002e, or garbage each decoder repairs its own way).
-_AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00|c0|c1)|%(?![0-9a-f]{2})", re.IGNORECASE)
+# %23 (#) and %3f (?) are decoded into the path by some frameworks and kept by others
+# (Starlette's request.url.path), so they are refused too.
+_AMBIGUOUS = re.compile(r"%(2e|2f|5c|25|00|c0|c1|23|3f)|%(?![0-9a-f]{2})", re.IGNORECASE)
 # Encoded non-ASCII: checked for characters that Unicode normalisation (NFKC, which
 # some servers apply) turns into '.', '/', '\\', '%' or ';' (fullwidth dots, slashes).
 _NON_ASCII = re.compile(r"%[89a-f][0-9a-f]", re.IGNORECASE)
@@ -36,6 +38,14 @@ _PARAMS = re.compile(r";|%3b", re.IGNORECASE)
 
 # The interim answer to an agent that waits before sending its body (RFC 9110 §10.1.1).
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _decodes_as_utf8(path: str) -> bool:
+    try:
+        unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _normalises_into_structure(path: str) -> bool:
@@ -78,9 +88,19 @@ class Route:
                              "proxy (no http://host/… targets, CONNECT or OPTIONS *)")
         path = raw.split("?", 1)[0]
         if "\\" in path or _AMBIGUOUS.search(path):
-            return Rejection(400, "bad_path", "path contains encoded dots, slashes, backslashes or percent signs")
-        if "%" in path and _NON_ASCII.search(path) and _normalises_into_structure(path):
-            return Rejection(400, "bad_path", "path contains encoded characters that normalise to dots or slashes")
+            return Rejection(400, "bad_path", "path contains encoded dots, slashes, backslashes, percent signs, "
+                             "'#' or '?'")
+        if "//" in path:
+            # Flask, Node and nginx read `//echo//x` three ways (a host, a merged slash, kept).
+            return Rejection(400, "bad_path", "path contains an empty segment ('//'); send single slashes")
+        if "%" in path and _NON_ASCII.search(path):
+            if not _decodes_as_utf8(path):
+                # Starlette and Flask decode %FF to U+FFFD, Node throws, aiohttp keeps it.
+                return Rejection(400, "bad_path", "path has percent-escapes that are not UTF-8 (like %FF); "
+                                 "encode non-ASCII characters as UTF-8")
+            if _normalises_into_structure(path):
+                return Rejection(400, "bad_path", "path contains encoded characters that normalise to dots or "
+                                 "slashes")
         if "/." in path:
             for segment in path.split("/"):
                 if _PARAMS.split(segment, 1)[0] in (".", ".."):

@@ -191,7 +191,14 @@ def test_paths_that_could_leave_their_route_are_refused(judge, path):
     judge.refused(request("POST", path, body=b'{"command": "id"}', content_type="application/json"), 400, "bad_path")
 
 
-@pytest.mark.parametrize("path", ["//tools/shell/run", "/TOOLS/shell/run", "/tools/searchshell/run", "/tools",
+def test_an_empty_path_segment_is_refused(judge):
+    # Flask, Node and nginx read `//x` three ways.
+    judge.refused(request("POST", "//tools/shell/run", body=b'{"command": "id"}', content_type="application/json"),
+                  400, "bad_path")
+    judge.refused(request("GET", "/tools/search/a//b"), 400, "bad_path")
+
+
+@pytest.mark.parametrize("path", ["/TOOLS/shell/run", "/tools/searchshell/run", "/tools",
                                   "/tools/%73hell/run"])
 def test_paths_outside_every_route_are_404(judge, path):
     judge.refused(request("POST", path, body=b'{"command": "id"}', content_type="application/json"), 404,
