@@ -56,6 +56,13 @@ bench: $(STAMP)
 	@sh scripts/ensure-debs.sh wrk:wrk nginx:nginx
 	$(BIN)/python -m benchmarks $(if $(QUICK),--quick,) $(ARGS)
 
+# The committed screenshots (docs/overview.png, docs/approval-inbox.png): the browser
+# tests write them here only when asked; `make test` writes to build/screenshots/.
+.PHONY: screenshots
+screenshots: $(STAMP)
+	@sh scripts/ensure-debs.sh chromium:chromium
+	REGATE_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_observability_browser.py tests/test_approvals_browser.py $(ARGS)
+
 # Longer, randomised fuzzing (fuzz targets and the hostile-request differential);
 # every input that breaks a target joins tests/fuzz/corpus/.
 fuzz: $(STAMP)
@@ -64,3 +71,44 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) audit build *.egg-info .tools
+
+# ---- deployment: the lock, Helm, generated docs and manifests --------------------
+# Helm v4, built from the Go module proxy once into .tools/bin like OPA; the
+# deploy tests render the chart with it (tests/test_deploy_helm.py, via REGATE_HELM).
+HELM_VERSION := 4.3.2
+HELM := .tools/bin/helm
+REGATE_HELM ?= $(CURDIR)/$(HELM)
+export REGATE_HELM
+UV_VERSION := 0.13.8
+
+.PHONY: helm lock docs manifests generate
+
+test: helm
+
+helm:
+	@if [ "$(REGATE_HELM)" != "$(CURDIR)/$(HELM)" ] && [ -x "$(REGATE_HELM)" ]; then :; \
+	elif [ -x $(HELM) ] && { ! command -v go >/dev/null 2>&1 || \
+	    go version -m $(HELM) | grep -Eq '^[[:space:]]+mod[[:space:]]+helm.sh/helm/v4[[:space:]]+v$(HELM_VERSION)([[:space:]]|$$)'; }; then :; else \
+	  command -v go >/dev/null 2>&1 || { echo "make: Go is not installed: it is needed once, to build Helm" \
+	    "v$(HELM_VERSION) into $(HELM) (install Go from https://go.dev/dl/ or your distribution's golang package)"; \
+	    exit 1; }; \
+	  echo "building Helm v$(HELM_VERSION) from source into $(HELM) (once; a few minutes)"; \
+	  GOPATH=$(TOOLS)/go GOBIN=$(TOOLS)/bin GOCACHE=$(TOOLS)/go/cache GOFLAGS=-modcacherw \
+	    go install helm.sh/helm/v4/cmd/helm@v$(HELM_VERSION) || exit 1; \
+	fi
+
+# The locked, hashed runtime dependencies the container installs (pip
+# --require-hashes); the ranges stay in pyproject.toml. Run after changing them.
+lock: $(STAMP)
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	  --custom-compile-command 'make lock' -q -o requirements.lock
+
+# Generated files, checked for staleness by tests/test_docs.py and tests/test_deploy_helm.py.
+docs: $(STAMP)
+	$(BIN)/regate config reference > docs/configuration.md
+
+manifests: $(STAMP) helm
+	$(BIN)/python deploy/render.py
+
+generate: docs manifests

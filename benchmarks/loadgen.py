@@ -69,6 +69,8 @@ class WrkResult:
     # CPU time the target's processes spent per request during the run: unlike
     # req/s it hardly moves when other processes compete for the machine.
     cpu_us_per_req: float | None = None
+    # Response statuses, when the script tallies them (the realistic workload's does).
+    statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
@@ -80,6 +82,7 @@ class WrkResult:
             "rps": round(self.rps, 1), "p50_us": self.p50_us, "p90_us": self.p90_us, "p99_us": self.p99_us,
             "p99.9_us": self.p999_us, "mean_us": self.mean_us, "max_us": self.max_us,
             "errors": self.errors, "error_count": self.error_count, "cpu_us_per_req": self.cpu_us_per_req,
+            **({"statuses": self.statuses} if self.statuses else {}),
         }
 
 
@@ -95,6 +98,11 @@ def _to_us(text: str) -> float:
 
 def parse_output(out: str, connections: int) -> WrkResult:
     """Read wrk's output: the Lua `WRK_JSON` line when present, else the `--latency` text."""
+    statuses: dict[str, int] = {}
+    for line in out.splitlines():
+        if line.startswith("WRK_STATUS "):
+            for k, v in json.loads(line[len("WRK_STATUS "):]).items():
+                statuses[k] = statuses.get(k, 0) + v
     for line in out.splitlines():
         if line.startswith("WRK_JSON "):
             d = json.loads(line[len("WRK_JSON "):])
@@ -104,7 +112,7 @@ def parse_output(out: str, connections: int) -> WrkResult:
                 connections=connections, requests=d["requests"], duration_s=secs,
                 rps=d["requests"] / secs if secs > 0 else 0.0,
                 p50_us=lat["p50"], p90_us=lat["p90"], p99_us=lat["p99"], p999_us=lat["p99.9"],
-                mean_us=lat["mean"], max_us=lat["max"], errors=d["errors"],
+                mean_us=lat["mean"], max_us=lat["max"], errors=d["errors"], statuses=statuses,
             )
     # Fallback: the plain `wrk --latency` report (no p99.9 there: p99 stands in).
     pct = {m.group(1): _to_us(m.group(2)) for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M)}

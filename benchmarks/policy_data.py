@@ -24,8 +24,35 @@ SHIPPED_REGO = ROOT / "rego"
 SHIPPED_DATA = ROOT / "policies"
 
 
+def data_file(data_dir: Path, name: str) -> Path | None:
+    """The file holding data.<name> in a data directory, in either layout: OPA's
+    `<name>/data.{json,yaml}` or the older flat `<name>.{json,yaml}`."""
+    for cand in (data_dir / name / "data.json", data_dir / name / "data.yaml", data_dir / f"{name}.json",
+                 data_dir / f"{name}.yaml"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def write_data(data_dir: Path, name: str, doc: object) -> Path:
+    """Replace data.<name> with `doc`, as JSON, in the layout the directory uses."""
+    old = data_file(data_dir, name)
+    nested = old is None or old.name.startswith("data.")
+    if old is not None:
+        old.unlink()
+    path = data_dir / name / "data.json" if nested else data_dir / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(doc))
+    return path
+
+
 def shipped_agents() -> dict:
-    return yaml.safe_load((SHIPPED_DATA / "agents.yaml").read_text()) or {}
+    path = data_file(SHIPPED_DATA, "agents")
+    if path is None:
+        return {}
+    if path.suffix == ".json":
+        return orjson.loads(path.read_bytes())
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def _agent(i: int) -> tuple[str, dict]:
@@ -57,8 +84,7 @@ def make_bundle(dest: Path, agents: int) -> tuple[Path, Path]:
     if extra > 0:
         doc = dict(shipped)
         doc.update(_agent(i) for i in range(extra))
-        (data / "agents.yaml").unlink()
-        (data / "agents.json").write_bytes(orjson.dumps(doc))
+        write_data(data, "agents", doc)
     return rego, data
 
 
@@ -67,7 +93,12 @@ def load_data(data_dir: Path) -> dict:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     doc: dict = {}
     for path in sorted(data_dir.iterdir()):
-        if path.suffix == ".json":
+        if path.is_dir():
+            inner = data_file(data_dir, path.name)
+            if inner is not None and inner.parent == path:
+                doc[path.name] = (orjson.loads(inner.read_bytes()) if inner.suffix == ".json"
+                                  else yaml.load(inner.read_text(), Loader=loader))
+        elif path.suffix == ".json":
             doc[path.stem] = orjson.loads(path.read_bytes())
         elif path.suffix in (".yaml", ".yml"):
             doc[path.stem] = yaml.load(path.read_text(), Loader=loader)

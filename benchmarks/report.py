@@ -316,6 +316,26 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_outputs(results: dict, out: Path) -> str:
+    """latest.md (realistic workload first, then the cache-hit case), latest.png and
+    workload.png; returns the text to print."""
+    from . import realistic
+
+    md, printed = [], []
+    if results.get("realistic"):
+        realistic.finish(results["realistic"])
+        text = realistic.markdown(results["realistic"])
+        md += ["## Realistic workload", "", text, ""]
+        printed.append(text)
+        realistic.plot(results["realistic"], out / "workload.png")
+    if any("results" in t for t in results["targets"].values()):
+        md += ["## Cache-hit case (one identical request)", "", markdown(results)]
+        printed.append(table(results))
+        plot(results, out / "latest.png")
+    (out / "latest.md").write_text("\n".join(md) + "\n")
+    return "\n\n".join(printed)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Re-render the table, the Markdown and the PNG from a results JSON."""
     import argparse
@@ -327,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json)
     results = json.loads(path.read_text())
     finish(results)
-    (path.parent / "latest.md").write_text(markdown(results) + "\n")
-    plot(results, path.parent / "latest.png")
-    print(table(results))
+    print(write_outputs(results, path.parent))
     return 0
 
 

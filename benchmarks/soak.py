@@ -86,10 +86,10 @@ def bundle(run: Path) -> tuple[Path, Path, Path]:
     rego, data = run / "rego", run / "policies"
     shutil.copytree(ROOT / "rego", rego)
     shutil.copytree(ROOT / "policies", data)
-    (data / "limits.yaml").write_text(yaml.safe_dump(LIMITS))
-    tools = yaml.safe_load((data / "tools.yaml").read_text())
+    (data / "limits" / "data.yaml").write_text(yaml.safe_dump(LIMITS))
+    tools = yaml.safe_load((data / "tools" / "data.yaml").read_text())
     tools["flaky"] = {"public": True, "methods": ["GET", "POST"]}
-    (data / "tools.yaml").write_text(yaml.safe_dump(tools))
+    (data / "tools" / "data.yaml").write_text(yaml.safe_dump(tools))
     keys = run / "keys.yaml"
     keys.write_text(yaml.safe_dump({"keys": [{"sha256": hashlib.sha256(k.encode()).hexdigest(), "agent": a}
                                              for a, k in KEYS.items()]}))

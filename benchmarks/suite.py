@@ -22,9 +22,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import loadgen, report, servers
-from .targets import (REQUEST_HEADERS, REQUEST_PATH, TARGETS, Context, Running, bench_bundle, cpu_count,
-                      layout_for, start_regate, write_keys)
+from . import loadgen, realistic, report, servers, workload
+from .targets import (BENCH_AGENT, BENCH_KEY, REQUEST_HEADERS, REQUEST_PATH, TARGETS, Context, Running, bench_bundle,
+                      cpu_count, layout_for, start_regate, write_keys)
 
 ROOT = servers.ROOT
 DATA_SIZES = (10, 1_000, 100_000)
@@ -32,8 +32,10 @@ BODY_SIZES = (100, 10_000, 1_000_000)
 
 MODES = {
     # duration/warmup/scaling in seconds per wrk run
-    "quick": {"duration": 2.0, "warmup": 1.0, "rounds": 1, "scaling_duration": 1.0},
-    "full": {"duration": 5.0, "warmup": 3.0, "rounds": 3, "scaling_duration": 5.0},
+    "quick": {"duration": 2.0, "warmup": 1.0, "rounds": 1, "scaling_duration": 1.0, "agents": 1_000,
+              "rates": "200"},
+    "full": {"duration": 5.0, "warmup": 3.0, "rounds": 3, "scaling_duration": 5.0, "agents": 10_000,
+             "rates": "200,500"},
 }
 
 
@@ -114,6 +116,11 @@ class Suite:
         self.rounds = args.rounds if args.rounds is not None else m["rounds"]
         self.scaling_duration = args.duration if args.duration is not None else m["scaling_duration"]
         self.conns = [int(c) for c in args.conns.split(",")]
+        self.log = log
+        self.cases = {"both": ("realistic", "cache-hit")}.get(args.workload, (args.workload,))
+        self.agents = args.agents if args.agents is not None else m["agents"]
+        self.rates = [float(r) for r in (args.rates or m["rates"]).split(",") if r]
+        self.wl_conns = [int(c) for c in args.wl_conns.split(",")]
         names = [n.strip() for n in args.targets.split(",") if n.strip()] if args.targets else list(TARGETS)
         unknown = [n for n in names if n not in TARGETS]
         if unknown:
@@ -194,9 +201,18 @@ class Suite:
         else:
             proc, url = servers.start_fallback_upstream("upstream", self.tmp, self.layout.upstream)
         self.procs.append(proc)
-        keys = write_keys(self.tmp / "keys.yaml")
-        rego, data = bench_bundle(self.tmp / "bundle")
-        self.ctx = Context(self.tmp, self.layout, url, kind, keys, rego, data)
+        tools: list[dict] = []
+        if "realistic" in self.cases:
+            # The workload's agents, keys, limits and routes, beside the cache-hit case's coder-7 and echo.
+            log(f"generating the realistic workload: {self.args.requests:,} calls, {self.agents:,} agents")
+            self.wl = workload.generate(self.tmp / "workload", self.agents, self.args.requests)
+            keys = workload.write_keys(self.tmp / "keys.yaml", self.agents, ((BENCH_KEY, BENCH_AGENT),))
+            rego, data = workload.bundle(self.tmp / "bundle", self.agents)
+            tools = workload.tool_routes(url)
+        else:
+            keys = write_keys(self.tmp / "keys.yaml")
+            rego, data = bench_bundle(self.tmp / "bundle")
+        self.ctx = Context(self.tmp, self.layout, url, kind, keys, rego, data, tools)
         self.results["upstream"] = kind
 
     def main_rounds(self) -> None:
@@ -209,6 +225,10 @@ class Suite:
         with ThreadPoolExecutor(len(self.names)) as pool:
             list(pool.map(self.start, self.names))
         live = [n for n in self.names if n in self.running]
+        if "realistic" in self.cases:
+            self.results["realistic"] = realistic.Phase(self, self.wl, self.rates, self.wl_conns).run()
+        if "cache-hit" not in self.cases:
+            return
         script = self.script("get")
         warm_conns = max(self.conns)
         for name in live:
@@ -372,18 +392,24 @@ class Suite:
             machine=machine, layout=self.layout.as_dict(),
             settings={"duration_s": self.duration, "warmup_s": self.warmup, "rounds": self.rounds,
                       "connections": self.conns, "scaling_duration_s": self.scaling_duration,
-                      "request": f"GET {REQUEST_PATH}", "wrk": "1 thread, closed loop"},
+                      "request": f"GET {REQUEST_PATH}", "wrk": "1 thread, closed loop",
+                      "cases": list(self.cases), "cache_hit": "the `targets` section: one identical request "
+                      f"(GET {REQUEST_PATH}) over and over, so every decision is a cache hit",
+                      "realistic": {"agents": self.agents, "requests": self.args.requests, "rates": self.rates,
+                                    "connections": self.wl_conns,
+                                    "closed_loop": "wrk, 1 thread, Lua request() cycling the pre-generated pool",
+                                    "open_loop": "python -m benchmarks.workload drive: asyncio+uvloop on raw "
+                                                 "sockets, 1-2 processes x 64 connections, latency from the "
+                                                 "scheduled send time"}},
         )
         report.finish(self.results)
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "latest.json").write_text(json.dumps(self.results, indent=2) + "\n")
-        table = report.table(self.results)
-        (out / "latest.md").write_text(report.markdown(self.results) + "\n")
-        report.plot(self.results, out / "latest.png")
-        print(table)
-        print(f"\nwrote {out / 'latest.json'}, {out / 'latest.png'}, {out / 'latest.md'} "
-              f"in {self.results['wall_s']:.0f}s")
+        print(report.write_outputs(self.results, out))
+        written = [p.name for p in (out / "latest.json", out / "latest.md", out / "latest.png", out / "workload.png")
+                   if p.exists()]
+        print(f"\nwrote {', '.join(written)} in {out} in {self.results['wall_s']:.0f}s")
         if not self.args.keep_tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
@@ -399,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="warm-up seconds per target (default 3, quick 1)")
     ap.add_argument("--rounds", type=int, help="rounds over all targets (default 3, quick 1)")
     ap.add_argument("--conns", default="1,32,256", help="wrk connection counts (default 1,32,256)")
+    ap.add_argument("--workload", choices=("both", "realistic", "cache-hit"), default="both",
+                    help="realistic: distinct calls (benchmarks/workload.py); cache-hit: one identical request; "
+                         "both (default): realistic first")
+    ap.add_argument("--agents", type=int, help="agents in the realistic workload (default 10,000; quick 1,000)")
+    ap.add_argument("--requests", type=int, default=10_000,
+                    help="distinct calls in the pool, cycled (default 10,000: more than the decision cache holds)")
+    ap.add_argument("--rates", help="open-loop rates, calls/s, comma-separated (default 200,500; quick 200)")
+    ap.add_argument("--wl-conns", default="1,32", help="closed-loop connection counts for the realistic workload")
     ap.add_argument("--no-scaling", action="store_true", help="skip the data-size and body-size curves")
     ap.add_argument("--no-engines", action="store_true", help="skip the engine micro-benchmark")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"), help="where latest.{json,png,md} go")

@@ -29,7 +29,7 @@ from typing import Callable
 import yaml
 
 from . import servers
-from .policy_data import make_bundle, shipped_agents
+from .policy_data import data_file, make_bundle, shipped_agents
 
 # The benchmark calls as coder-7 on the public `echo` tool: allowed by the
 # shipped policy for every identified agent, GET and POST.
@@ -105,7 +105,8 @@ def full_sections(run_dir: Path, rego: Path, data: Path, keys: Path) -> dict:
 
 def regate_config(variant: str, *, port: int, admin_port: int, upstream: str, run_dir: Path,
                   rego: Path | None = None, data: Path | None = None, keys: Path | None = None,
-                  opa_url: str | None = None, redis_url: str | None = None, otlp_url: str | None = None) -> str:
+                  opa_url: str | None = None, redis_url: str | None = None, otlp_url: str | None = None,
+                  extra_tools: list[dict] | None = None) -> str:
     cfg: dict = {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
@@ -113,6 +114,9 @@ def regate_config(variant: str, *, port: int, admin_port: int, upstream: str, ru
         # 4 MiB so the 1 MB body point of the body-size curve is well inside the limit.
         "tools": [{"name": "echo", "upstream": f"{upstream}/echo", "max_body_bytes": 4 * 1024 * 1024}],
     }
+    # The realistic workload's routes (benchmarks/workload.py) beside echo; its
+    # approval-needing calls are answered 202 at once rather than held for a human.
+    cfg["tools"] += extra_tools or []
     if variant == "passthrough":
         cfg.update(passthrough_sections())
     else:
@@ -131,6 +135,8 @@ def regate_config(variant: str, *, port: int, admin_port: int, upstream: str, ru
             # run of policy_error 403s measures nothing. The errors column still
             # shows any call that waited past a second.
             cfg["policy"] = {**cfg["policy"], "engine": "opa", "opa": {"url": opa_url}, "timeout_ms": 1000}
+        if extra_tools:
+            cfg["approvals"] = {"mode": "async"}
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -143,8 +149,10 @@ def write_keys(path: Path) -> Path:
 def bench_bundle(dest: Path, agents: int | None = None) -> tuple[Path, Path]:
     """The shipped policy (optionally grown to `agents` agents) with benchmark limits."""
     rego, data = make_bundle(dest, agents if agents is not None else len(shipped_agents()))
-    if (data / "limits.yaml").exists():
-        (data / "limits.yaml").write_text(BENCH_LIMITS)
+    limits = data_file(data, "limits")
+    if limits is not None:
+        limits.unlink()
+        limits.with_suffix(".yaml").write_text(BENCH_LIMITS)
     return rego, data
 
 
@@ -171,6 +179,7 @@ class Context:
     keys: Path
     rego: Path
     data: Path
+    tools: list[dict] = field(default_factory=list)  # the workload's routes, added to every Regate
 
 
 @dataclass(frozen=True)
@@ -209,7 +218,7 @@ def start_regate(ctx: Context, name: str, variant: str, workers: int = 1, rego: 
     run_dir.mkdir(parents=True, exist_ok=True)
     text = regate_config(variant, port=port, admin_port=admin_port, upstream=ctx.upstream, run_dir=run_dir,
                          rego=rego or ctx.rego, data=data or ctx.data, keys=ctx.keys, opa_url=opa_url,
-                         redis_url=redis_url, otlp_url=otlp_url)
+                         redis_url=redis_url, otlp_url=otlp_url, extra_tools=ctx.tools)
     cpus = ctx.layout.target_multi if workers > 1 else ctx.layout.target
     t0 = time.monotonic()
     try:

@@ -19,6 +19,7 @@ from aiohttp import web
 from .approvals import add_admin_routes
 from .identity.operators import OPERATOR_KEY, OperatorTokens, required_role
 from .observability.api import add_routes as add_observability_routes
+from .version import __version__
 
 if TYPE_CHECKING:
     from .app import Regate
@@ -60,7 +61,7 @@ def admin_app(regate: "Regate") -> web.Application:
     app.middlewares.append(require_token)
 
     async def healthz(request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "version": __version__})
 
     async def readyz(request: web.Request) -> web.Response:
         problems = list(regate.ready_problems)
@@ -71,6 +72,10 @@ def admin_app(regate: "Regate") -> web.Application:
         if recorder is not None and not getattr(recorder, "healthy", True):
             problems.append(f"audit: {getattr(recorder, 'problem', 'unwritable')}")
         warnings = identity.warnings() if identity is not None else []
+        bundles = getattr(regate, "bundle_service", None)
+        if bundles is not None:
+            problems += bundles.problems()  # no bundle yet: every call is refused
+            warnings += bundles.warnings()  # the server failed: the last good bundle serves
         stores = regate.limit_stores
         # probe(): a replica taken out of rotation gets no calls to test Redis with.
         if stores is not None and not await stores.probe():
@@ -86,6 +91,7 @@ def admin_app(regate: "Regate") -> web.Application:
             "warnings": warnings,
             "problems": problems,
             "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
+            "bundle": bundles.status() if bundles is not None else {"service": False},
             "tools": {t.name: t.upstream for t in regate.cfg.tools},
             "worker": regate.worker_index,
         }
@@ -112,9 +118,11 @@ def admin_app(regate: "Regate") -> web.Application:
 
     async def status(request: web.Request) -> web.Response:
         dl = regate.decision_logs
+        bundles = getattr(regate, "bundle_service", None)
         return _json({
             "worker": regate.worker_index,
             "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
+            "bundle": bundles.status() if bundles is not None else {"service": False},
             "decision_logs": dl.status() if dl is not None else {"enabled": False},
         })
 

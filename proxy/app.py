@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 from typing import Any
-from aiohttp import web
 
-from .audit import AuditLog, AuditLogCorrupt
+from aiohttp import web, web_response
+
+from .audit import AuditLog, AuditLogCorrupt, AuditLogInUse
 from .config import Config
 from .engines import BundleError, Engine, build_engine
 from .metrics import Metrics
@@ -25,7 +26,7 @@ from .approvals import build_stage
 from .breakers import Breakers, any_enabled, build
 from .breakers import parse as parse_breakers
 from .gpu import AdmissionConfig, AdmissionController, GpuCollector, GpuUnavailable, open_view
-from .limits import LimitsError, LimitStores, open_limit_stores
+from .limits import LimitsError, LimitStores, LimitsTable, compile_limits, open_limit_stores
 from .recorder import AuditRecorder
 from .stages.breaker import STATE_VALUES, BreakerStage
 from .stages.gpu import GpuAdmission
@@ -34,9 +35,16 @@ from .stages.body import ReadBody
 from .identity import CredentialsError, build_authenticator
 from .stages.identify import Identify
 from .stages.policy import PolicyStage
+from .mcp import unauthorized_challenges
+from .stages.route import Route
 from .upstream import Forwarder
 
 log = logging.getLogger("regate")
+
+# What aiohttp puts in `Server:` when a response has none (Regate's own answers, the admin
+# plane, a tool's answer without one): not "Python/3.11 aiohttp/x.y", which tells a caller
+# which library and version to probe. No version here either, for the same reason.
+web_response.SERVER_SOFTWARE = "regate"
 
 
 class StartupError(Exception):
@@ -55,6 +63,9 @@ class Regate:
         self.approvals: Any = None
         self.ratelimit: RateLimit | None = None
         self.engine: Engine = build_engine(cfg)
+        # policy.bundle.service: the poller that keeps the engine's bundle current (proxy/bundles).
+        source = getattr(self.engine, "source", None)
+        self.bundle_service: Any = source if hasattr(source, "poll_now") else None
         self.authenticator = self._authenticator()
         self.listener_tls = self._listener_tls()
         self.forwarder = Forwarder(cfg.tools, strip_request_headers=self._credential_headers(),
@@ -218,10 +229,18 @@ class Regate:
     def _ratelimit_stage(self) -> RateLimit:
         cfg = self.cfg
         metrics = self.metrics or Metrics()
-        try:
-            table = load_limits_table(cfg.path(cfg.policy.data))
-        except LimitsError as exc:
-            raise StartupError(str(exc)) from None
+        hooks = getattr(self.engine, "bundle_hooks", None)
+        if hooks is not None:
+            # The embedded engine's limits are its bundle's data.limits, whatever the bundle's
+            # source (directories, a tarball, a bundle server): compiled with every bundle
+            # and swapped in with it, all or nothing.
+            table = LimitsTable()
+            hooks.append(self._limits_of_bundle)
+        else:
+            try:
+                table = load_limits_table(cfg.path(cfg.policy.data))
+            except LimitsError as exc:
+                raise StartupError(str(exc)) from None
         lim = cfg.limits
         self.limit_stores = open_limit_stores(
             lim.store, redis_url=lim.redis_url, on_store_error=lim.on_store_error, timeout_ms=lim.timeout_ms,
@@ -230,6 +249,23 @@ class Regate:
         )
         self.ratelimit = RateLimit(table, self.limit_stores, metrics)
         return self.ratelimit
+
+    def _limits_of_bundle(self, bundle: Any) -> Any:
+        """Bundle hook: compile ``data.limits`` of a bundle about to serve; the commit swaps it in."""
+        try:
+            table = compile_limits(bundle.data.get("limits"), where=bundle.origin("limits"))
+        except LimitsError as exc:
+            raise BundleError([str(exc)]) from None
+
+        def commit() -> None:
+            if self.ratelimit is not None:
+                self.ratelimit.table = table
+        return commit
+
+    def _bundle_installed(self, revision: str) -> None:
+        """A bundle service put a new bundle in force (its own counters: regate_bundle_*)."""
+        if self.metrics is not None:
+            self.metrics.set_revision(revision)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -245,9 +281,18 @@ class Regate:
             raise StartupError("\n".join(getattr(exc, "problems", None) or [str(exc)])) from None
         if self.metrics is not None:
             self.metrics.set_revision(self.engine.revision)
+        if self.bundle_service is not None:
+            self.bundle_service.on_install.append(self._bundle_installed)
+            if self.metrics is not None:
+                self.metrics.watch_bundle(self.bundle_service)
+            await self.bundle_service.start()  # polls at once, then as OPA polls
         if self.audit is not None:
             try:
                 await self.audit.start()
+            except AuditLogInUse:
+                raise StartupError(
+                    f"audit.dir: another regate is already running with the audit log in {self.audit.dir} "
+                    "(stop it, or give this one its own audit.dir and listen ports)") from None
             except (OSError, AuditLogCorrupt) as exc:
                 raise StartupError(f"audit.dir: cannot continue the audit log in {self.audit.dir}: {exc}") from None
         if self.gpu is not None:
@@ -270,6 +315,8 @@ class Regate:
         await self.forwarder.close()
         if self.authenticator is not None:
             await self.authenticator.close()
+        if self.bundle_service is not None:
+            await self.bundle_service.close()
         await self.engine.close()
         if self.limit_stores is not None:
             await self.limit_stores.aclose()
@@ -310,12 +357,16 @@ class Regate:
         """Recompile the policy bundle; on any failure the old one keeps serving."""
         try:
             table = None
-            if self.ratelimit is not None:
+            if self.ratelimit is not None and getattr(self.engine, "bundle_hooks", None) is None:
                 try:
                     table = load_limits_table(self.cfg.path(self.cfg.policy.data))
                 except LimitsError as exc:
                     raise BundleError([str(exc)]) from None
-            revision = await self.engine.reload()
+            if self.bundle_service is not None:
+                # With a bundle server, a reload is a poll now (the server has the bundle).
+                revision = await self.bundle_service.poll_now()
+            else:
+                revision = await self.engine.reload()
             if table is not None:
                 self.ratelimit.table = table
         except BundleError as exc:
@@ -335,6 +386,9 @@ class Regate:
 
         http = self.cfg.http
         handler = self.pipeline.handle
+        challenges = unauthorized_challenges(self.cfg.tools, Route(self.cfg.tools).match)
+        if challenges is not None:
+            handler = challenges(handler)  # a 401 on an MCP route says how to authenticate
         if self.approvals is not None:
             # The agent's approval status URL (/_regate/approvals/<id>) comes before routing.
             handler = self.approvals.data_handler(handler)
@@ -359,24 +413,15 @@ class Regate:
 
     async def serve(self, stop: asyncio.Event, reuse_port: bool = False, with_admin: bool = True) -> None:
         """Run both planes until `stop` is set, then drain in-flight calls."""
-        await self.start()
+        try:
+            await self._start_serving(reuse_port, with_admin)
+        except BaseException:
+            # A failed start releases what it opened (sessions, the audit lock), so the
+            # only thing the operator sees is the StartupError, not "Unclosed client session".
+            await self._abort_start()
+            raise
         grace = self.cfg.http.shutdown_grace_s
         host, port = self.cfg.listen_addr
-        data_runner = web.ServerRunner(self.data_server(), shutdown_timeout=grace, handle_signals=False)
-        await data_runner.setup()
-        self._runners.append(data_runner)
-        data_tls = self.listener_tls.get("tls")
-        await web.TCPSite(data_runner, host, port, reuse_port=reuse_port, backlog=1024,
-                          ssl_context=data_tls.context if data_tls is not None else None).start()
-        if with_admin:
-            admin_runner = web.AppRunner(self.admin_app(), shutdown_timeout=grace, handle_signals=False,
-                                         access_log=None)
-            await admin_runner.setup()
-            self._runners.append(admin_runner)
-            ahost, aport = self.cfg.admin_addr
-            admin_tls = self.listener_tls.get("admin.tls")
-            await web.TCPSite(admin_runner, ahost, aport, reuse_port=reuse_port,
-                              ssl_context=admin_tls.context if admin_tls is not None else None).start()
         log.info(
             "regate worker %d (pid %d) serving %s:%d, admin %s, engine %s, policy revision %s, tools: %s",
             self.worker_index, os.getpid(), host, port, self.cfg.admin.listen if with_admin else "off",
@@ -396,6 +441,44 @@ class Regate:
         for runner in self._runners:
             await runner.cleanup()
         await self.close()
+
+    async def _abort_start(self) -> None:
+        for runner in self._runners:
+            try:
+                await runner.cleanup()
+            except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+                log.debug("cleanup after a failed start", exc_info=True)
+        self._runners.clear()
+        try:
+            await self.close()
+        except Exception:  # noqa: BLE001
+            log.debug("close after a failed start", exc_info=True)
+
+    async def _listen(self, runner: web.BaseRunner, where: str, host: str, port: int, **kw: Any) -> None:
+        try:
+            await web.TCPSite(runner, host, port, **kw).start()
+        except OSError as exc:
+            raise StartupError(f"{where}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    async def _start_serving(self, reuse_port: bool, with_admin: bool) -> None:
+        await self.start()
+        grace = self.cfg.http.shutdown_grace_s
+        host, port = self.cfg.listen_addr
+        data_runner = web.ServerRunner(self.data_server(), shutdown_timeout=grace, handle_signals=False)
+        await data_runner.setup()
+        self._runners.append(data_runner)
+        data_tls = self.listener_tls.get("tls")
+        await self._listen(data_runner, "listen", host, port, reuse_port=reuse_port, backlog=1024,
+                           ssl_context=data_tls.context if data_tls is not None else None)
+        if with_admin:
+            admin_runner = web.AppRunner(self.admin_app(), shutdown_timeout=grace, handle_signals=False,
+                                         access_log=None)
+            await admin_runner.setup()
+            self._runners.append(admin_runner)
+            ahost, aport = self.cfg.admin_addr
+            admin_tls = self.listener_tls.get("admin.tls")
+            await self._listen(admin_runner, "admin.listen", ahost, aport, reuse_port=reuse_port,
+                               ssl_context=admin_tls.context if admin_tls is not None else None)
 
 
 def install_signal_handlers(app: Regate, stop: asyncio.Event) -> None:

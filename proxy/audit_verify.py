@@ -529,8 +529,20 @@ def format_record(d: dict, worker: int | None = None) -> str:
         return f"{head} -- checkpoint ({d.get('reason')}) count={d.get('count')} {signed}"
     kind = d.get("kind")
     verdict = (d.get("decision") or kind or "record").upper() if kind != "outcome" else "OUTCOME"
-    parts = [head, f"{verdict:<8}", f"{d.get('agent', '-')} -> {d.get('tool', '-')}",
-             f"{d.get('method', '')} {d.get('path', '')}".strip()]
+    # A call refused before identify or route has no agent or tool: say so, not "None".
+    agent = d.get("agent") or "(unauthenticated)"
+    tool = d.get("tool") or "(no tool)"
+    parts = [head, f"{verdict:<8}", f"{agent} -> {tool}", f"{d.get('method') or ''} {d.get('path') or ''}".strip()]
+    if kind == "approval":
+        # proposed / approved / denied / withdrawn / executed ..., and who decided.
+        parts.append(f"{d.get('event') or '?'} {d.get('approval_id') or ''}".strip())
+        if d.get("approver"):
+            verified = "" if d.get("approver_verified", True) else " (unverified)"
+            parts.append(f"by {d['approver']}{verified}")
+        if d.get("comment"):
+            parts.append(f"comment: {d['comment']}")
+        if d.get("reason"):
+            parts.append(f"reason: {d['reason']}")
     if d.get("stage"):
         parts.append(f"[{d['stage']}]")
     if d.get("code"):

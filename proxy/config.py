@@ -32,6 +32,9 @@ class _Section(BaseModel):
 
 
 def _host_port(value: str, field: str) -> tuple[str, int]:
+    if not isinstance(value, str):
+        # `listen: 8080` is a YAML number: say what to write, not pydantic's "valid string".
+        raise ValueError(f"{field} must be HOST:PORT as a string, e.g. \"127.0.0.1:{value}\"; got {value!r}")
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
         raise ValueError(f"{field} must be HOST:PORT, got {value!r}")
@@ -49,6 +52,9 @@ class McpOptions(_Section):
 
     # Largest JSON-RPC batch accepted; a bigger one is refused whole (JSON-RPC -32600).
     max_batch: int = Field(100, ge=1, le=100_000)
+    # The OAuth protected resource metadata URL (RFC 9728) a 401 on this route points at,
+    # as the MCP authorization spec asks: `WWW-Authenticate: Bearer resource_metadata="…"`.
+    resource_metadata: str | None = None
     # How the allowed messages of a batch reach the server: as one reduced batch
     # (MCP 2025-03-26 servers), or one POST each (servers that no longer take batches).
     batch_upstream: Literal["batch", "split"] = "batch"
@@ -95,9 +101,9 @@ class Tool(_Section):
     # A query key given twice: refused (frameworks take the first, the last or all), or
     # judged as the list of every value.
     repeated_query_keys: Literal["refuse", "list"] = "refuse"
-    # arguments: body | both, and a body the policy cannot read (not JSON: text/plain, no
-    # Content-Type, octet-stream…): refused (some tools parse JSON whatever the type), or
-    # forwarded unread (uploads, files).
+    # A body the policy cannot read (not JSON: text/plain, no Content-Type, octet-stream…):
+    # refused (some tools parse JSON whatever the type and whatever `arguments` says), or
+    # forwarded unread (uploads, files). A type listed in content_types is taken unread.
     unread_body: Literal["refuse", "forward"] = "refuse"
     # Media types read as JSON (exactly; `application/json` always). Another JSON-looking
     # type (application/*+json, text/json) is refused unless listed here.
@@ -189,6 +195,12 @@ class Admin(_Section):
     tokens: list[AdminToken] = []
     tls: ListenerTls | None = None
 
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        _host_port(v, "admin.listen")
+        return v
+
     @model_validator(mode="after")
     def _unique_operators(self) -> "Admin":
         names = [t.name for t in self.tokens]
@@ -271,6 +283,62 @@ class OpaServer(_Section):
     token: str | None = None
 
 
+class BundleSigningKey(_Section):
+    """The key a signed bundle is verified with (OPA's ``keys`` entry: key, algorithm, scope)."""
+
+    # A PEM public key (or certificate): a file beside regate.yaml, or the PEM text
+    # itself; for HS256/384/512 the shared secret (use ${VAR}).
+    public_key: str
+    algorithm: Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                       "EdDSA", "HS256", "HS384", "HS512"] = "RS256"
+    # Must equal the signature's `scope` claim (opa build --claims-file); none: no scope.
+    scope: str | None = None
+
+
+class BundleService(_Section):
+    """A bundle server polled as OPA's bundle plugin polls one (README "Bundle service")."""
+
+    url: str                                    # the bundle itself: GET <url> answers a tarball
+    poll_min_s: float = Field(60.0, gt=0)       # after a success, wait between min and max
+    poll_max_s: float = Field(120.0, gt=0)      # (and back off up to max after errors)
+    headers: dict[str, str] = {}                # e.g. Authorization: Bearer ${BUNDLE_TOKEN}
+    timeout_s: float = Field(30.0, gt=0)        # one download, start to end
+    signing_key: BundleSigningKey | None = None  # default: policy.bundle.signing_key
+    # The last good bundle is kept here, so a restart serves it before the server
+    # answers (relative: beside regate.yaml); null: not kept.
+    persist_dir: str | None = ".regate/bundle"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname:
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _poll(self) -> "BundleService":
+        if self.poll_min_s > self.poll_max_s:
+            raise ValueError(f"policy.bundle.service: poll_min_s ({self.poll_min_s}) is above poll_max_s "
+                             f"({self.poll_max_s})")
+        return self
+
+
+class PolicyBundle(_Section):
+    """An OPA bundle in place of policy.rego/policy.data: a file, or a bundle server."""
+
+    # An `opa build` tarball (.tar.gz) or a directory in OPA's bundle layout.
+    path: str | None = None
+    # With a key, only bundles signed by it load (opa build --signing-key).
+    signing_key: BundleSigningKey | None = None
+    service: BundleService | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PolicyBundle":
+        if (self.path is None) == (self.service is None):
+            raise ValueError("policy.bundle: set either path (a bundle file) or service (a bundle server)")
+        return self
+
+
 class Policy(_Section):
     engine: Literal["embedded", "opa", "off"] = "embedded"
     rego: str = "rego/"
@@ -291,6 +359,20 @@ class Policy(_Section):
     # Worker processes for those larger inputs; 0: every input on the event loop
     # (then an evaluation over timeout_ms is refused only once it has finished).
     eval_processes: int = Field(1, ge=0)
+    # auto: decide with the bundle compiled to Python from OPA's plan (`opa build -t
+    # plan`; needs the opa binary), checked against regorus on every load, regorus
+    # deciding whatever it does not support; off: regorus decides every call.
+    compiled: Literal["auto", "off"] = "auto"
+    # An OPA bundle (a tarball, or a bundle server) instead of the rego/data directories.
+    bundle: PolicyBundle | None = None
+
+    @model_validator(mode="after")
+    def _bundle_engine(self) -> "Policy":
+        if self.bundle is not None and self.engine != "embedded":
+            raise ValueError(f"policy.bundle: the {self.engine} engine does not load bundles (an OPA server "
+                             "loads its own: opa run --bundle, or its bundles config); remove policy.bundle "
+                             "or use engine: embedded")
+        return self
 
     @field_validator("decision")
     @classmethod
@@ -328,9 +410,11 @@ class Audit(_Section):
 
 class Approvals(_Section):
     enabled: bool = True
-    # hold: the call waits for the human; async: 202 + an id to re-send with.
+    # async (default): 202 + an id to re-send with, at once, or after up to N seconds when the
+    # agent sends `Prefer: wait=N` (RFC 7240); hold: the call waits for the human, up to
+    # timeout_s, which most HTTP clients' default timeouts (5-30 s) do not survive.
     # A decision's approval.mode wins over `tools`, which wins over `mode`.
-    mode: Literal["hold", "async"] = "hold"
+    mode: Literal["hold", "async"] = "async"
     tools: dict[str, Literal["hold", "async"]] = {}
     # How long a pending approval waits for a human.
     timeout_s: float = Field(120, gt=0)
@@ -650,9 +734,9 @@ class Config(_Section):
     # Directory the file was read from: relative paths in it resolve against this.
     base_dir: str = "."
 
-    @field_validator("listen")
+    @field_validator("listen", mode="before")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: Any) -> Any:
         _host_port(v, "listen")
         return v
 

@@ -250,6 +250,34 @@ def rejection_response(call: "Call", rejection: "Rejection", headers: dict[str, 
                         content_type="application/json", headers=headers)
 
 
+def unauthorized_challenges(tools: Any, match: Any) -> Any:
+    """A wrapper for the data handler that gives a 401 on an MCP route the shape the MCP
+    authorization spec asks for: `WWW-Authenticate: Bearer` (RFC 6750), with the route's
+    `resource_metadata` (RFC 9728) when configured, so a client can tell "authenticate"
+    from a server fault. None when no route speaks MCP. Identify runs before routing,
+    so the route is matched here, on 401s only."""
+    mcp_tools = {t.name: t for t in tools if t.protocol == "mcp"}
+    if not mcp_tools:
+        return None
+
+    def wrap(handler: Any) -> Any:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            response = await handler(request)
+            if response.status == 401 and "WWW-Authenticate" not in response.headers:
+                found = match(request.raw_path.split("?", 1)[0], request.headers.get("Host"))
+                tool = mcp_tools.get(found[0].name) if found is not None else None
+                if tool is not None:
+                    challenge = 'Bearer realm="regate"'
+                    if tool.mcp is not None and tool.mcp.resource_metadata:
+                        challenge += f', resource_metadata="{tool.mcp.resource_metadata}"'
+                    response.headers["WWW-Authenticate"] = challenge
+            return response
+
+        return handle
+
+    return wrap
+
+
 # --- Server-Sent Events -----------------------------------------------------
 
 class SseEvent:

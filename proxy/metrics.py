@@ -121,6 +121,10 @@ class Metrics:
         self.would_deny = Labelled(Counter(
             "regate_policy_would_deny", "Shadow-mode denials: calls the policy would have refused, by reason",
             ["tool", "reason"], registry=r), [(0, tool), (1, reason)])
+        self.would_refuse = Labelled(Counter(
+            "regate_would_refuse", "Calls a limit, budget, breaker or loop guard in warn mode would have refused "
+            "(they ran), by stage, the code they would have got, and tool", ["stage", "code", "tool"],
+            registry=r), [(2, tool)])
         self.audit_lost = Labelled(Counter(
             "regate_audit_lost", "Audit records that could not be written (the calls they describe did not run "
             "unrecorded: lost records are refusals' decisions or outcomes)", ["kind"], registry=r))
@@ -143,6 +147,12 @@ class Metrics:
         self.reloads = Labelled(Counter("regate_policy_reloads", "Bundle reloads by result", ["result"], registry=r))
         self.revision = Gauge("regate_policy_revision_info", "The policy bundle revision in force",
                               ["revision"], registry=r)
+        import platform
+
+        from .version import __version__
+
+        Gauge("regate_build_info", "Regate's version and the Python it runs on (always 1)",
+              ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
         self._calls: dict[tuple[str, str, int], Any] = {}
         self._rejections: dict[tuple[str, str], Any] = {}
         self._added: dict[str, Any] = {}
@@ -185,8 +195,51 @@ class Metrics:
         """Expose the decision-log uploader's counters (read at scrape time, nothing per call)."""
         self.registry.register(DecisionLogsCollector(logger))
 
+    def watch_bundle(self, service: Any) -> None:
+        """Expose the bundle service's status (read at scrape time, nothing per call)."""
+        self.registry.register(BundleCollector(service))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BundleCollector:
+    """The bundle service's numbers (proxy/bundles), read when Prometheus scrapes."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        st = self.service.status()
+        polls = CounterMetricFamily("regate_bundle_polls", "Polls of the bundle server by outcome (activated: "
+                                    "a new bundle went into force; not_modified: 304; error: the server failed "
+                                    "or its bundle was refused)", labels=["outcome"])
+        for outcome, n in st["polls"].items():
+            polls.add_metric([outcome], n)
+        yield polls
+        yield GaugeMetricFamily("regate_bundle_active", "1 when a policy bundle is in force, else 0 (calls "
+                                "are refused)", value=1 if st["active"] else 0)
+        yield GaugeMetricFamily("regate_bundle_consecutive_errors", "Failed polls since the last good one",
+                                value=st["consecutive_errors"])
+        for name, key, text in (
+                ("regate_bundle_last_success_timestamp_seconds", "last_success",
+                 "When the bundle server last answered with a good bundle or 304 (Unix time)"),
+                ("regate_bundle_last_activation_timestamp_seconds", "last_activation",
+                 "When the bundle in force went into force (Unix time)"),
+                ("regate_bundle_last_error_timestamp_seconds", "last_error_at",
+                 "When a poll last failed (Unix time)"),
+                ("regate_bundle_last_request_timestamp_seconds", "last_request",
+                 "When the bundle server was last asked (Unix time)")):
+            if st[key] is not None:
+                yield GaugeMetricFamily(name, text, value=st[key])
+        info = GaugeMetricFamily("regate_bundle_info", "The bundle in force: its revision, where it came from "
+                                 "(server or disk) and the URL (always 1)", labels=["revision", "source", "url"])
+        if st["active"]:
+            info.add_metric([str(st["revision"]), str(st["from"]), st["url"]], 1)
+        yield info
 
 
 class AuditCollector:

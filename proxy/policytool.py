@@ -6,6 +6,10 @@ per test, PASS, FAIL or ERROR, then a summary. ``eval_policy`` prints the
 normalised decision for one input document, exactly as the proxy would apply
 it. Both return the process exit code: 0 when all is well, 1 when a test
 fails or the policy cannot decide, 2 when the bundle does not load.
+
+The bundle is what the proxy would load: the rego and data directories, or an
+``opa build`` tarball given in place of the rego directory. ``opa test`` on the
+same paths gives the same pass/fail (tests/test_parity.py checks it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import regorus
 
 from .engines.bundle import BundleError, load_bundle
 from .engines.decision import DecisionError, EngineError
-from .engines.embedded import UNDEFINED, EmbeddedEngine, format_regorus_error, missing_builtins, scan_modules
+from .engines.embedded import (UNDEFINED, EmbeddedEngine, add_modules, format_regorus_error, missing_builtins,
+                               scan_modules)
 
 
 def _print_problems(problems: list[str], out: TextIO) -> None:
@@ -71,12 +76,7 @@ def run_policy_tests(rego_dir: str | Path, data_dir: str | Path | None, *,
         _print_problems(exc.problems, err)
         return 2
     engine = regorus.Engine()
-    problems = []
-    for module in bundle.modules:
-        try:
-            engine.add_policy(module.name, module.source)
-        except RuntimeError as exc:
-            problems.append(format_regorus_error(exc))
+    problems = add_modules(engine, bundle.modules)
     if problems:
         _print_problems(problems, err)
         return 2
@@ -177,4 +177,60 @@ def eval_policy(rego_dir: str | Path, data_dir: str | Path | None, decision_path
         return 1
     out.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     print(f"revision: {engine.revision}", file=err)
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    """regorus's answer as JSON can carry it: a set becomes a sorted array, as `opa eval` prints it."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=lambda v: orjson.dumps(v, option=orjson.OPT_SORT_KEYS))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def query_policy(rego_dir: str | Path, data_dir: str | Path | None, query: str, input_path: str | Path | None,
+                 *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """`regate policy eval --query Q`: the value of any rule or Rego query (`data.regate.x`,
+    `data.tools.shell.deny`), with or without an input document, as `opa eval` would give it.
+    Exit 1 when the query is undefined, 2 when the bundle or input cannot be read."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    input_doc = None
+    if input_path is not None:
+        try:
+            input_doc = _read_input(input_path)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=err)
+            return 2
+    try:
+        bundle = load_bundle(rego_dir, data_dir)
+    except BundleError as exc:
+        _print_problems(exc.problems, err)
+        return 2
+    engine = regorus.Engine()
+    problems = add_modules(engine, bundle.modules)
+    if problems:
+        _print_problems(problems, err)
+        return 2
+    engine.add_data_json(bundle.data_json)
+    if input_doc is not None:
+        engine.set_input_json(orjson.dumps(input_doc).decode())
+    try:
+        answer = engine.eval_query(query)
+    except RuntimeError as exc:
+        print(f"error: {format_regorus_error(exc)}", file=err)
+        return 2
+    results = answer.get("result") or []
+    if not results:
+        print(f"{query}: undefined", file=err)
+        return 1
+    for result in results:
+        values = [_plain(e["value"]) for e in result.get("expressions", [])]
+        doc = values[0] if len(values) == 1 else values
+        if result.get("bindings"):
+            doc = {"value": doc, "bindings": _plain(result["bindings"])}
+        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

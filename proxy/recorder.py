@@ -30,6 +30,8 @@ log = logging.getLogger("regate.audit")
 def _decision_label(call: Call) -> str:
     if call.shadow_denied:
         return "shadow_deny"
+    if "would_refuse" in call.extra:
+        return "would_refuse"  # a limit or breaker in warn mode would have refused it
     if "fail_open" in call.extra:
         return "allow_fail_open"
     return "allow"
@@ -56,8 +58,12 @@ class AuditRecorder:
         tool = call.tool
         d = call.decision
         rejection = call.rejection
-        reasons = rejection.reasons if rejection is not None else (d.reasons if d is not None else [])
-        return {
+        if rejection is not None:
+            # What the operator is told may say more than the agent was (a policy_error's detail).
+            reasons = call.extra.get("operator_reasons") or rejection.reasons
+        else:
+            reasons = d.reasons if d is not None else []
+        rec = {
             "kind": kind,
             "ts": time.time(),
             "decision_id": call.id,
@@ -73,6 +79,14 @@ class AuditRecorder:
             "revision": call.revision or (self.engine.revision if self.engine is not None else None),
             "added_us": (time.perf_counter_ns() - call.started_ns - (call.upstream_ns or 0)) // 1000,
         }
+        warned = call.extra.get("would_refuse")
+        if warned:
+            # Warn mode: what enforcing would have answered. A call that ran carries the
+            # first code it would have got; every would-be refusal is listed.
+            if rejection is None:
+                rec["code"] = warned[0]["code"]
+            rec["would_refuse"] = [dict(w) for w in warned]
+        return rec
 
     async def before_forward(self, call: Call) -> Rejection | None:
         audit = self.audit

@@ -3,7 +3,7 @@
 #
 # An MCP server is one route with many capabilities behind one HTTP method
 # (POST), so the HTTP grant says little. A grant on an MCP route lists, in
-# policies/agents.yaml:
+# policies/agents/data.yaml:
 #
 #   mcp_methods    the JSON-RPC methods the agent may send, spelled exactly:
 #                  initialize, notifications/initialized, server/discover, ping,

@@ -69,7 +69,7 @@ test_messages_without_a_method_are_judged_by_http_method if {
 
 test_no_grant_gives_one_reason if {
 	d := decide(rpc("analyst-2", "ping", {}))
-	d.reasons == {"Agent 'analyst-2' has no grant for the tool 'tickets'. An operator can add one under 'analyst-2' in policies/agents.yaml."}
+	d.reasons == {"Agent 'analyst-2' has no grant for the tool 'tickets'. An operator can add one under 'analyst-2' in policies/agents/data.yaml."}
 }
 
 test_a_public_mcp_tool_grants_its_listed_methods if {

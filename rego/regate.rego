@@ -20,10 +20,11 @@
 #   input.state                   breaker state, recent failures, budget left
 #   input.time_ns                 when the call arrived
 #
-# The data it reads lives in policies/ and is mounted by file name:
-#   policies/agents.yaml -> data.agents   (agents and their tool grants)
-#   policies/tools.yaml  -> data.tools    (per-tool settings)
-#   policies/limits.yaml -> data.limits   (rates and budgets; Regate enforces them)
+# The data it reads lives in policies/ and is mounted as OPA mounts it, by
+# the directory each data.yaml sits in:
+#   policies/agents/data.yaml -> data.agents   (agents and their tool grants)
+#   policies/tools/data.yaml  -> data.tools    (per-tool settings)
+#   policies/limits/data.yaml -> data.limits   (rates and budgets; Regate enforces them)
 #
 # This file decides who may call which tool with which method. The rules about
 # MCP messages live in rego/mcp.rego, the rules about one tool's arguments in
@@ -65,12 +66,12 @@ decision := {
 	"timeout_ms": object.get(grant, "timeout_ms", object.get(tool, "timeout_ms", null)),
 	# Budget units one call spends; null: the route's cost from regate.yaml.
 	"cost": cost,
-	# Limits for this call on top of policies/limits.yaml, on keys of their
+	# Limits for this call on top of policies/limits/data.yaml, on keys of their
 	# own (same spellings: a rate, or a budget {units, window}); null: none.
 	"limits": limits,
 }
 
-# The tool's settings from policies/tools.yaml ({} for a tool without any).
+# The tool's settings from policies/tools/data.yaml ({} for a tool without any).
 default tool := {}
 
 tool := data.tools[input.tool.name]
@@ -103,7 +104,7 @@ deny contains "The call carries no agent identity; Regate refuses calls it canno
 deny contains msg if {
 	grant == {}
 	msg := sprintf(
-		"Agent '%s' has no grant for the tool '%s'. An operator can add one under '%s' in policies/agents.yaml.",
+		"Agent '%s' has no grant for the tool '%s'. An operator can add one under '%s' in policies/agents/data.yaml.",
 		[input.agent.id, input.tool.name, input.agent.id],
 	)
 }

@@ -3,7 +3,7 @@
 #
 # Each test builds an input document with call() and evaluates the decision
 # `with input as` that document; `with data.agents as {...}` swaps the agent
-# list, so a test does not depend on who is in policies/agents.yaml today.
+# list, so a test does not depend on who is in policies/agents/data.yaml today.
 package regate_test
 
 import data.regate

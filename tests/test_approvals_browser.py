@@ -1,7 +1,8 @@
 """The approval inbox in a real browser: headless Chromium (Debian's `chromium`,
 driven by Playwright) opens the page, is given the token once, sees held calls
 appear live, approves one and denies another, and the agents' calls complete.
-The test saves a screenshot of the inbox as docs/approval-inbox.png."""
+The test saves a screenshot of the inbox as build/screenshots/approval-inbox.png
+(`make screenshots` refreshes the committed docs/approval-inbox.png)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHROMIUM = os.environ.get("REGATE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = ROOT / "docs" / "approval-inbox.png"
+# Into build/ (ignored by git), so `make test` leaves the tree clean; `make screenshots`
+# sets REGATE_SCREENSHOTS=docs to refresh the committed one.
+SCREENSHOT = ROOT / os.environ.get("REGATE_SCREENSHOTS", "build/screenshots") / "approval-inbox.png"
 PAY = "/tools/payments/pay"
 
 
@@ -89,7 +92,7 @@ async def test_inbox_shows_held_calls_live_and_approves_one(regate):
             await expect(cards.nth(1)).to_contain_text("Office Supplies Ltd")
             assert not older.done() and not newer.done()
 
-            SCREENSHOT.parent.mkdir(exist_ok=True)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
             await first.locator("[data-role=comment]").fill("Cloud invoice matches the PO")

@@ -41,12 +41,26 @@ def record(i: int, **kw) -> dict:
             "upstream_status": 200, "upstream_us": 2500, **kw}
 
 
-def read(directory: Path, worker: int = 0) -> list[tuple[str, int, dict]]:
+def read(directory: Path, worker: int = 0, *, torn_tail: bool = False) -> list[tuple[str, int, dict]]:
+    """Every line, parsed; ``torn_tail``: a last line without its newline (a write cut short
+    by SIGKILL) is left out instead of failing to parse."""
     out = []
     for _, path in audit.list_segments(directory).get(worker, []):
-        for n, ln in enumerate(path.read_bytes().splitlines(), 1):
+        lines = path.read_bytes().split(b"\n")
+        last = lines.pop()  # b"" when the file ends with a complete line
+        if last and not torn_tail:
+            lines.append(last)
+        for n, ln in enumerate(lines, 1):
             out.append((path.name, n, orjson.loads(ln)))
     return out
+
+
+async def until(condition, timeout_s: float = 30.0, every_s: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; a generous deadline, so load only makes it slower."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout_s:g}s"
+        await asyncio.sleep(every_s)
 
 
 def checkpoints(directory: Path, reason: str | None = None) -> list[dict]:
@@ -259,10 +273,12 @@ async def test_sigkill_under_load_keeps_every_acknowledged_record(tmp_path: Path
         acked.append(line.decode().strip())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    acked += [ln.decode().strip() for ln in proc.stdout.read().splitlines()]
+    # The kill may cut the child's last stdout write (and the log's last line) short: only
+    # ids that were written out whole were acknowledged.
+    acked += [ln.decode().strip() for ln in proc.stdout.read().split(b"\n")[:-1]]
     report = verify(tmp_path)
     assert report.ok, report.format()
-    logged = {d.get("decision_id") for _, _, d in read(tmp_path)}
+    logged = {d.get("decision_id") for _, _, d in read(tmp_path, torn_tail=True)}
     missing = [a for a in acked if a and a not in logged]
     assert not missing, missing[:5]
     log = AuditLog(tmp_path, fsync="never")  # the restart continues the chain
@@ -441,7 +457,7 @@ EFBIG_CHILD = textwrap.dedent("""
         await asyncio.sleep(0.2)
         still_down = not log.healthy
         resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-        for _ in range(100):
+        for _ in range(750):
             if log.healthy: break
             await asyncio.sleep(0.02)
         recovered = log.healthy
@@ -478,7 +494,9 @@ def small_tmpfs(tmp_path: Path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        pytest.fail(f"the disk-full test needs a small tmpfs and could not mount one at {mnt} "
+                    f"(needs root or CAP_SYS_ADMIN): `mount -t tmpfs` exited {r.returncode}: "
+                    f"{r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
@@ -505,11 +523,7 @@ async def test_disk_full_fails_closed_and_recovers(small_tmpfs: Path) -> None:
     with pytest.raises(AuditUnavailable):
         log.append_nowait(record(200))
     filler.unlink()
-    for _ in range(100):
-        if log.healthy:
-            break
-        await asyncio.sleep(0.02)
-    assert log.healthy
+    await until(lambda: log.healthy)
     await log.append(record(300))
     await log.close()
     assert verify(small_tmpfs / "audit").ok
@@ -529,11 +543,7 @@ async def test_rotation_into_a_vanished_dir_fails_closed_and_recovers(tmp_path: 
             await log.append(record(i))
             i += 1
     os.rename(tmp_path / "away", d)
-    for _ in range(100):
-        if log.healthy:
-            break
-        await asyncio.sleep(0.02)
-    assert log.healthy
+    await until(lambda: log.healthy)
     for j in range(20):
         await log.append(record(1000 + j))
     await log.close()
@@ -554,8 +564,11 @@ async def test_records_per_second_sanity(tmp_path: Path) -> None:
         for _ in range(n):
             await log.append(r)
 
-    t = time.perf_counter()
+    batches = log.stats["batches"]
     await asyncio.gather(*(writer() for _ in range(writers)))
-    rate = n * writers / (time.perf_counter() - t)
+    batches = log.stats["batches"] - batches
     await log.close()
-    assert rate > 10_000, f"{rate:.0f} records/s"
+    # What makes it fast is group commit, and that does not depend on the machine's load:
+    # 50 writers waiting at once share each write (a wall-clock rate here failed under load).
+    assert log.stats["records"] == n * writers
+    assert batches <= n * writers / 10, f"{batches} writes for {n * writers} records: no group commit"

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import loadgen
+import orjson
+
+from benchmarks import loadgen, workload
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("direct", "bare", "regate-passthrough")
+TARGETS = ("direct", "bare", "regate-passthrough", "regate-full")
 
 
 def test_wrk_output_is_read_from_the_lua_line_and_from_the_text():
@@ -47,13 +49,40 @@ Transfer/sec:    500.00KB
     assert (r.requests, r.rps, r.p50_us, r.p99_us, r.errors["status"]) == (9000, 4500.0, 200.0, 1200.0, 4)
 
 
-@pytest.mark.timeout(120)
+def test_workload_pool_is_distinct_valid_requests_in_the_stated_mix(tmp_path):
+    w = workload.generate(tmp_path, agents=20, requests=2000)
+    pool = workload.read_pool(w.pool)
+    assert len(pool) == 2000 and len(set(pool)) == 2000  # every call distinct
+    for cls, share in workload.CLASS_MIX.items():
+        assert abs(w.meta["classes"][cls] / 2000 - share) < 0.04, (cls, w.meta["classes"])
+    tools = set()
+    for raw in pool:
+        head, body = raw.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        method, path, version = lines[0].split(" ")
+        assert version == "HTTP/1.1" and path.startswith("/tools/")
+        tools.add(path.split("/")[2])
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        assert headers["X-Api-Key"].startswith("wl-key-")
+        if body:  # JSON only as application/json, length exact, valid UTF-8 JSON
+            assert headers["Content-Type"] == "application/json"
+            assert int(headers["Content-Length"]) == len(body)
+            orjson.loads(body)
+            assert method in ("POST", "PUT")
+        else:
+            assert method == "GET" and "Content-Length" not in headers
+    assert tools == {"search", "shell", "files", "payments", "tickets"}
+    assert 100_000 >= w.meta["bodies"]["max"] > 10_000
+
+
+@pytest.mark.timeout(150)
 def test_quick_run_writes_json_png_and_table(tmp_path):
     if shutil.which("wrk") is None:
         pytest.fail("wrk is not installed: `make test` installs it (scripts/ensure-debs.sh wrk:wrk nginx:nginx)")
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--duration", "1", "--warmup", "1",
-           "--targets", ",".join(TARGETS), "--no-scaling", "--no-engines", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+           "--targets", ",".join(TARGETS), "--no-scaling", "--no-engines", "--out", str(tmp_path),
+           "--agents", "20", "--requests", "500", "--rates", "50"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     results = json.loads((tmp_path / "latest.json").read_text())
@@ -71,6 +100,20 @@ def test_quick_run_writes_json_png_and_table(tmp_path):
     assert results["targets"]["bare"]["added_p50_us"] > 0
     assert results["ratios"]["passthrough_rps_vs_bare_32"] > 0
 
+    # The realistic workload: pass-throughs answer 200 to every call; the policy
+    # target answers the mix (allowed, denied, rate-limited, approval-needing).
+    real = results["realistic"]["targets"]
+    for name in TARGETS:
+        for conns in ("1", "32"):
+            cell = real[name]["closed"][conns]
+            assert cell["requests"] > 0 and cell["error_count"] == 0, (name, conns, cell)
+            assert cell["cpu_us_per_req"] > 0, (name, conns, cell)
+        opened = real[name]["open"]["50"]
+        assert opened["requests"] == opened["scheduled"] > 0 and opened["error_count"] == 0, (name, opened)
+        statuses = set(real[name]["closed"]["32"]["statuses"])
+        assert statuses == ({"200", "202", "403", "429"} if name == "regate-full" else {"200"}), (name, statuses)
+    assert "Realistic workload" in (tmp_path / "latest.md").read_text()
+
     png = (tmp_path / "latest.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -79,4 +122,5 @@ def test_quick_run_writes_json_png_and_table(tmp_path):
         assert name in table
     assert "req/s@32" in table and "added p50" in table
     assert "Regate-full req/s ÷ bare req/s" in table
-    assert (tmp_path / "latest.md").read_text().startswith("| target")
+    md = (tmp_path / "latest.md").read_text()
+    assert md.startswith("## Realistic workload\n\n| target") and "## Cache-hit case" in md

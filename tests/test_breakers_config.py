@@ -78,7 +78,7 @@ def test_the_readme_example_spells_the_defaults_and_overrides_merge_over_them():
     ({"loop": {"ignore_fields": "id"}}, "breakers.loop.ignore_fields: must be a list of strings (got 'id')"),
     ({"loop": {"repeats": 20}}, "breakers.loop.history: must be at least repeats (20), got 16"),
     ({"tool": 5}, "breakers.tool: must be a mapping of settings (got int)"),
-    ({"tools": {}}, "breakers.tools: unknown key (known: tool, agent, loop, overrides)"),
+    ({"tools": {}}, "breakers.tools: unknown key (known: mode, tool, agent, loop, overrides, agents)"),
     ({"overrides": {"search": {"agent": {"max_entries": 5}}}},
      "breakers.overrides.search.agent.max_entries: bounds memory for all tools; set it under breakers.agent"),
     ({"overrides": {"search": {"tool": {"failure_ratio": -1}}}},

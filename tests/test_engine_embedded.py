@@ -103,17 +103,17 @@ def test_decision_rule_must_exist(tmp_path):
 
 def test_data_files_mount_by_path_and_name_the_file_on_error(tmp_path):
     rego = {"p.rego": "package regate\ndecision := {\"allow\": true, \"reasons\": [data.agents.a.name, data.x.y.z]}\n"}
-    engine = load(tmp_path, rego, {"agents.yaml": "a: {name: alpha}\n", "x/y.json": '{"z": "deep"}'})
+    engine = load(tmp_path, rego, {"agents/data.yaml": "a: {name: alpha}\n", "x/y/data.json": '{"z": "deep"}'})
     assert decide(engine, {}).reasons == ["alpha", "deep"]
 
-    with pytest.raises(BundleError, match=r"agents\.yaml:2:\d+: not valid YAML"):
-        load(tmp_path, rego, {"agents.yaml": "a: [1\nb: 2\n"})
+    with pytest.raises(BundleError, match=r"agents/data\.yaml:2:\d+: not valid YAML"):
+        load(tmp_path, rego, {"agents/data.yaml": "a: [1\nb: 2\n"})
     shutil.rmtree(tmp_path / "policies")
-    with pytest.raises(BundleError, match=r"y\.json:1:7: not valid JSON"):
-        load(tmp_path, rego, {"x/y.json": '{"z": }'})
+    with pytest.raises(BundleError, match=r"y/data\.json:1:7: not valid JSON"):
+        load(tmp_path, rego, {"x/y/data.json": '{"z": }'})
     shutil.rmtree(tmp_path / "policies")
-    with pytest.raises(BundleError, match=r"data\.agents\.a is already set by .*agents\.json"):
-        load(tmp_path, rego, {"agents.json": '{"a": 1}', "agents.yaml": "a: 2\n"})
+    with pytest.raises(BundleError, match=r"data\.agents\.a is already set by .*agents/data\.json"):
+        load(tmp_path, rego, {"agents/data.json": '{"a": 1}', "agents/data.yaml": "a: 2\n"})
 
 
 def test_sets_come_back_as_sorted_lists(tmp_path):
@@ -183,7 +183,7 @@ async def test_reload_with_a_broken_policy_keeps_the_old_one_serving(tmp_path):
 
 async def test_concurrent_reloads_and_calls_see_one_bundle_or_the_other(tmp_path):
     rdir, ddir = bundle_dir(tmp_path, {"p.rego": 'package regate\ndecision := {"allow": true, "reasons": [data.v.n]}\n'},
-                            {"v.yaml": "n: one\n"})
+                            {"v/data.yaml": "n: one\n"})
     engine = EmbeddedEngine(rdir, ddir)
     await engine.start()
     seen = []
@@ -198,7 +198,7 @@ async def test_concurrent_reloads_and_calls_see_one_bundle_or_the_other(tmp_path
 
     async def reloader():
         for word in ("two", "three"):
-            (ddir / "v.yaml").write_text(f"n: {word}\n")
+            (ddir / "v" / "data.yaml").write_text(f"n: {word}\n")
             await engine.reload()
             await asyncio.sleep(0.01)
         done.set()
@@ -209,16 +209,16 @@ async def test_concurrent_reloads_and_calls_see_one_bundle_or_the_other(tmp_path
 
 
 async def test_revision_follows_data_but_not_tests(tmp_path):
-    rdir, ddir = bundle_dir(tmp_path, {"p.rego": ALLOW_ALL}, {"agents.yaml": "a: 1\n"})
+    rdir, ddir = bundle_dir(tmp_path, {"p.rego": ALLOW_ALL}, {"agents/data.yaml": "a: 1\n"})
     engine = EmbeddedEngine(rdir, ddir)
     await engine.start()
     first = engine.revision
     assert first.startswith("sha256:") and len(first) == len("sha256:") + 12
     (rdir / "p_test.rego").write_text("package regate_test\ntest_x if true\n")
     assert await engine.reload() == first
-    (ddir / "agents.yaml").write_text("a: 2\n")
+    (ddir / "agents" / "data.yaml").write_text("a: 2\n")
     assert await engine.reload() != first
-    (ddir / "agents.yaml").write_text("a: 1\n")
+    (ddir / "agents" / "data.yaml").write_text("a: 1\n")
     assert await engine.reload() == first
 
 

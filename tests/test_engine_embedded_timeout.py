@@ -18,6 +18,7 @@ from proxy.engines import EngineTimeout, PolicyInputTooLarge, build_engine
 from proxy.engines.decision import EngineError
 from proxy.engines.embedded import EmbeddedEngine
 from tests.conftest import AGENT_KEY, OTHER_KEY
+from tests.support.approvals import wait_audit
 from tests.support.procs import RegateProcess
 
 # About 1 us per pair of body keys: 2,000 keys (~30 KB of JSON) cost ~2 s to judge.
@@ -229,7 +230,11 @@ async def test_huge_call_is_refused_in_time_and_does_not_stall_another_agent(ups
             status, answer, took = await huge
             assert status == 403 and answer["error"]["code"] == "policy_error"
             assert "(timeout)" in answer["error"]["message"]
-            assert any("policy.timeout_ms (400 ms)" in r for r in answer["error"]["reasons"])
+            # The detail is the operator's (audit, log, explain), not the agent's (issue 23).
+            assert answer["error"]["reasons"] == [] and answer["error"]["decision_id"] in answer["error"]["message"]
+            (record,) = await wait_audit(tmp_path / "audit",
+                                         lambda r: r.get("decision_id") == answer["error"]["decision_id"])
+            assert any("policy.timeout_ms (400 ms)" in r for r in record["reasons"]), record
             assert took < 1.0
 
             # The engine still decides correctly: small on the loop, large once the fresh worker is up.

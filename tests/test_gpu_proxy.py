@@ -41,10 +41,24 @@ async def get(s, url, path):
         return r.status, dict(r.headers), await r.json()
 
 
+async def reserved_mb(s, regate) -> int:
+    async with s.get(regate.admin_url + "/admin/gpu", headers=regate.admin_headers) as r:
+        return (await r.json())["devices"][0]["reserved_mb"]
+
+
+async def wait_reserved(s, regate, want: int, timeout_s: float = 30.0) -> None:
+    """Poll the admin GPU view until ``want`` MiB are reserved (generous deadline: load only slows it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (got := await reserved_mb(s, regate)) != want:
+        assert loop.time() < deadline, f"{got} MiB reserved after {timeout_s:g}s, expected {want}"
+        await asyncio.sleep(0.02)
+
+
 async def test_second_call_that_does_not_fit_is_shed_with_retry_after(regate):
     async with aiohttp.ClientSession() as s:
-        first = asyncio.create_task(get(s, regate.url, "/tools/infer/slow?s=1"))
-        await asyncio.sleep(0.3)
+        first = asyncio.create_task(get(s, regate.url, "/tools/infer/slow?s=3"))
+        await wait_reserved(s, regate, 600)  # the first call holds its reservation
         status, headers, body = await get(s, regate.url, "/tools/infer/x")
         assert status == 503 and body["error"]["code"] == "gpu_saturated"
         assert int(headers["Retry-After"]) >= 1
@@ -72,10 +86,7 @@ async def test_reservation_released_on_upstream_error_and_client_disconnect(rega
             async with s.get(regate.url + "/tools/infer/slow?s=1", headers=H,
                              timeout=aiohttp.ClientTimeout(total=0.3)) as r:
                 await r.read()
-        await asyncio.sleep(1.2)  # the upstream call finishes; Regate releases
-        async with s.get(regate.admin_url + "/admin/gpu", headers=regate.admin_headers) as r:
-            snap = await r.json()
-        assert snap["devices"][0]["reserved_mb"] == 0
+        await wait_reserved(s, regate, 0)  # the upstream call finishes; Regate releases
         assert (await get(s, regate.url, "/tools/infer/x"))[0] == 200
 
 

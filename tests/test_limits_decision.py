@@ -2,7 +2,7 @@
 
 Regate as a real process, once with the memory store and once with a real
 redis-server, a policy written by the test that returns `limits` for some calls
-(chosen by tool and by the `mode` query argument), and limits.yaml data that
+(chosen by tool and by the `mode` query argument), and limits/data.yaml data that
 every call passes first. The decision's limits are one more check on keys of
 their own: calls without them never count there, and a looser decision cannot
 lift the data's limit.
@@ -20,6 +20,7 @@ import yaml
 
 from proxy.limits import Budget, MemoryBudgets, MemoryRateLimiter, Rate
 from tests.conftest import AGENT_KEY, OTHER_KEY
+from tests.support.approvals import wait_audit
 from tests.support.procs import RegateProcess
 from tests.test_limits_proxy import fetch, get, items, redis_server  # noqa: F401 (a fixture)
 from tests.test_policy_e2e import write_bundle
@@ -55,7 +56,7 @@ TOOLS = ("search", "wide", "billing", "broken", "watch")
 @pytest.fixture(scope="module")
 def regates(upstream, keys_file, tmp_path_factory, redis_server):  # noqa: F811
     tmp = tmp_path_factory.mktemp("declimits")
-    rego, data = write_bundle(tmp, POLICY, {"limits.yaml": yaml.safe_dump(LIMITS)})
+    rego, data = write_bundle(tmp, POLICY, {"limits/data.yaml": yaml.safe_dump(LIMITS)})
     tools = [{"name": n, "upstream": upstream, "timeout_ms": 5000} for n in TOOLS]
     tools[-1]["policy_mode"] = "shadow"
     tools.append({"name": "dead", "upstream": "http://127.0.0.1:9", "timeout_ms": 2000})  # nothing listens
@@ -147,7 +148,11 @@ async def test_a_call_that_never_ran_gets_its_decision_budget_back(regates, stor
 async def test_malformed_decision_limits_are_a_policy_error(regates, store):
     (answer,) = await calls(regates[store], "/tools/broken/q?mode=broken", 1)
     assert answer.status == 403 and answer.code == "policy_error"
-    assert any(r.startswith("decision.limits.tool.burst: ") for r in answer.error["reasons"]), answer.error
+    # The agent is not shown the policy's internals; the audit record (the operator's) is (issue 23).
+    assert answer.error["reasons"] == [] and answer.error["decision_id"] in answer.error["message"]
+    (record,) = await wait_audit(regates[store].config_path.parent / "audit",
+                                 lambda r: r.get("decision_id") == answer.error["decision_id"])
+    assert any("decision.limits.tool.burst: " in r for r in record["reasons"]), record
 
 
 @STORES

@@ -1,5 +1,5 @@
 """Rate limits and budgets end to end: Regate as a real process (one, or `--workers 2`), the
-shipped Rego with a limits.yaml written by the test, a real upstream, a real redis-server
+shipped Rego with limits (limits/data.yaml) written by the test, a real upstream, a real redis-server
 (killed and restarted mid-load), and a real HTTP client offering paced load.
 
 The independent Regate processes of a test start, and take their load, concurrently: the
@@ -42,18 +42,16 @@ def regates():
 
 
 def data_dir(tmp: Path, limits: dict) -> Path:
-    """The shipped policy data with this test's limits.yaml."""
+    """The shipped policy data with this test's limits (limits/data.yaml)."""
     d = tmp / "data"
-    d.mkdir(parents=True)
-    for f in (ROOT / "policies").iterdir():
-        if f.is_file() and not f.name.startswith("limits."):
-            shutil.copy(f, d / f.name)
-    (d / "limits.yaml").write_text(yaml.safe_dump(limits))
+    shutil.copytree(ROOT / "policies", d, ignore=shutil.ignore_patterns("limits"))
+    (d / "limits").mkdir()
+    (d / "limits" / "data.yaml").write_text(yaml.safe_dump(limits))
     return d
 
 
 async def start(regates: list, tmp_path: Path, specs: dict[str, dict]) -> dict[str, RegateProcess]:
-    """Start one Regate per spec, concurrently. A spec: upstream, limits (the limits.yaml
+    """Start one Regate per spec, concurrently. A spec: upstream, limits (the limits/data.yaml
     document), store (the `limits:` config section), workers."""
     def one(name: str, spec: dict) -> RegateProcess:
         tmp = tmp_path / name

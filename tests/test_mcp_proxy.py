@@ -21,11 +21,10 @@ from multidict import CIMultiDict
 from proxy.audit import list_segments
 from tests.support.procs import ROOT, Process, RegateProcess, free_port
 
-mcp = pytest.importorskip("mcp")
-from mcp import Client  # noqa: E402
-from mcp.client.streamable_http import streamable_http_client  # noqa: E402
-import httpx2  # noqa: E402  (the SDK's HTTP client)
-from mcp.shared.exceptions import MCPError  # noqa: E402
+import httpx2  # the SDK's HTTP client
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 KEYS = {"support-1": "test-key-support-1", "coder-7": "test-key-coder-7", "analyst-2": "test-key-analyst-2"}
 ACCEPT = "application/json, text/event-stream"
@@ -56,7 +55,7 @@ def regate(servers, tmp_path_factory):
     # The shipped bundle, plus grants on the test server and a tight limit on one MCP tool.
     data = tmp / "policies"
     shutil.copytree(ROOT / "policies", data)
-    agents = yaml.safe_load((data / "agents.yaml").read_text())
+    agents = yaml.safe_load((data / "agents" / "data.yaml").read_text())
     # The methods these tests send; the shipped policy refuses any a grant does not list.
     methods = ["initialize", "notifications/initialized", "ping", "tools/list", "tools/call",
                "notifications/progress", "notifications/cancelled"]
@@ -65,10 +64,10 @@ def regate(servers, tmp_path_factory):
                                                "mcp_tools": ["ok", "fail", "limited"]}
         agents["coder-7"]["tools"][route] = {"methods": ["POST", "GET", "DELETE"], "mcp_methods": methods,
                                              "mcp_tools": ["ok"]}
-    (data / "agents.yaml").write_text(yaml.safe_dump(agents))
-    limits = yaml.safe_load((data / "limits.yaml").read_text())
+    (data / "agents" / "data.yaml").write_text(yaml.safe_dump(agents))
+    limits = yaml.safe_load((data / "limits" / "data.yaml").read_text())
     limits["tools"]["legacy/limited"] = {"rate": "1/min", "burst": 2}
-    (data / "limits.yaml").write_text(yaml.safe_dump(limits))
+    (data / "limits" / "data.yaml").write_text(yaml.safe_dump(limits))
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys)},
         "tools": [

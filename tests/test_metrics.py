@@ -97,9 +97,9 @@ async def test_every_collector_follows_the_naming_scheme(tmp_path):
 async def test_label_cap_over_real_sockets_with_10000_agents(tmp_path):
     upstream, upstream_url = start_upstream()
     data = tmp_path / "policies"
-    data.mkdir()
+    (data / "limits").mkdir(parents=True)
     # Half a unit of budget, calls cost 1: every agent is refused on its first call.
-    (data / "limits.yaml").write_text(yaml.safe_dump({"defaults": {"budget": {"units": 0.5}}}))
+    (data / "limits" / "data.yaml").write_text(yaml.safe_dump({"defaults": {"budget": {"units": 0.5}}}))
     cfg = {
         "auth": {"mode": "none"},
         "policy": {"engine": "off", "data": str(data)},

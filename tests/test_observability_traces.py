@@ -27,10 +27,10 @@ RM = {"command": "rm -rf /"}
 def _bundle(tmp) -> tuple[str, str]:
     data = tmp / "policies"
     shutil.copytree(ROOT / "policies", data)
-    limits = yaml.safe_load((data / "limits.yaml").read_text())
+    limits = yaml.safe_load((data / "limits" / "data.yaml").read_text())
     # analyst-2 gets one call a minute: its second call is rate limited.
     limits.setdefault("agents", {}).setdefault("analyst-2", {})["agent"] = {"rate": "1/min", "burst": 1}
-    (data / "limits.yaml").write_text(yaml.safe_dump(limits))
+    (data / "limits" / "data.yaml").write_text(yaml.safe_dump(limits))
     return str(ROOT / "rego"), str(data)
 
 

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import AGENT_KEY, OTHER_KEY
+from tests.support.approvals import audit_records
 from tests.support.procs import ROOT, RegateProcess, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -23,6 +24,7 @@ def write_bundle(path: Path, rego: str, data: dict[str, str] | None = None) -> t
     (path / "data").mkdir(parents=True, exist_ok=True)
     (path / "rego" / "policy.rego").write_text(rego)
     for name, text in (data or {}).items():
+        (path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (path / "data" / name).write_text(text)
     return path / "rego", path / "data"
 
@@ -181,7 +183,11 @@ async def test_malformed_decision_is_a_policy_error(upstream, keys_file, tmp_pat
     finally:
         proc.stop()
     assert status == 403 and body["error"]["code"] == "policy_error"
-    assert any("allow must be a boolean" in r for r in body["error"]["reasons"])
+    # The agent gets a stable message and the decision id; the detail is the operator's (issue 23).
+    assert body["error"]["reasons"] == [] and body["error"]["decision_id"] in body["error"]["message"]
+    assert "allow must be a boolean" not in str(body)
+    (record,) = [r for r in audit_records(tmp_path / "audit") if r.get("decision_id") == body["error"]["decision_id"]]
+    assert any("allow must be a boolean" in r for r in record["reasons"]), record
 
 
 async def test_shadow_mode_forwards_and_counts_would_deny(upstream, keys_file, tmp_path):
@@ -207,7 +213,7 @@ decision := {"allow": true, "headers": {"set": {"X-Bundle": data.which.name}}}
 
 
 async def test_reload_keeps_old_bundle_on_error_and_is_atomic_under_load(upstream, keys_file, tmp_path):
-    rego, data = write_bundle(tmp_path, BUNDLE, {"which.yaml": "name: A\n"})
+    rego, data = write_bundle(tmp_path, BUNDLE, {"which/data.yaml": "name: A\n"})
     proc = RegateProcess({"auth": {"mode": "api_key", "keys": str(keys_file)},
                           "policy": {"rego": str(rego), "data": str(data)},
                           "tools": tools(upstream)}, tmp_path)
@@ -237,7 +243,7 @@ async def test_reload_keeps_old_bundle_on_error_and_is_atomic_under_load(upstrea
 
             async def flipper():
                 for name in ("B", "A", "B", "A", "B"):
-                    (data / "which.yaml").write_text(f"name: {name}\n")
+                    (data / "which" / "data.yaml").write_text(f"name: {name}\n")
                     async with s.post(proc.admin_url + "/admin/reload", headers=proc.admin_headers) as r:
                         assert r.status == 200
                         revisions[(await r.json())["revision"]] = name
@@ -254,7 +260,7 @@ async def test_reload_keeps_old_bundle_on_error_and_is_atomic_under_load(upstrea
 async def test_reload_decisions_match_their_revision(upstream, keys_file, tmp_path):
     """Each decision comes from exactly one bundle: the header the upstream saw
     (set by the policy) matches the revision Regate reported."""
-    rego, data = write_bundle(tmp_path, BUNDLE, {"which.yaml": "name: A\n"})
+    rego, data = write_bundle(tmp_path, BUNDLE, {"which/data.yaml": "name: A\n"})
     proc = RegateProcess({"auth": {"mode": "api_key", "keys": str(keys_file)},
                           "policy": {"rego": str(rego), "data": str(data)}, "tools": tools(upstream)}, tmp_path)
     try:
@@ -267,7 +273,7 @@ async def test_reload_decisions_match_their_revision(upstream, keys_file, tmp_pa
                     pairs.append((r.headers["X-Regate-Policy-Revision"], seen["headers"]["X-Bundle"]))
 
             for name in ("A", "B", "A"):
-                (data / "which.yaml").write_text(f"name: {name}\n")
+                (data / "which" / "data.yaml").write_text(f"name: {name}\n")
                 async with s.post(proc.admin_url + "/admin/reload", headers=proc.admin_headers) as r:
                     names[(await r.json())["revision"]] = name
                 await asyncio.gather(*(one() for _ in range(50)))

@@ -92,7 +92,7 @@ def test_demo_agents_and_public_tools(engine):
     d = decide(engine, shell("ls", agent="analyst-2"))
     assert not d.allow
     assert d.reasons == ["Agent 'analyst-2' has no grant for the tool 'shell'. "
-                         "An operator can add one under 'analyst-2' in policies/agents.yaml."]
+                         "An operator can add one under 'analyst-2' in policies/agents/data.yaml."]
 
 
 # --- shell -------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_shell_command_keys_are_plain_words_and_patterns_use_ascii_classes():
     # The policy's guarantees rest on these: a key is plain words (so it can name
     # a command at all), and no pattern uses a class whose meaning differs between
     # regorus (Unicode) and OPA (ASCII).
-    shell_data = yaml.safe_load((ROOT / "policies" / "tools.yaml").read_text())["shell"]
+    shell_data = yaml.safe_load((ROOT / "policies" / "tools" / "data.yaml").read_text())["shell"]
     for key, entry in shell_data["commands"].items():
         assert re.fullmatch(r"[A-Za-z0-9_.=:,@%+-]+( [A-Za-z0-9_.=:,@%+-]+)*", key), key
         assert "/" not in key.split(" ")[0], key
@@ -302,12 +302,12 @@ def test_agents_are_looked_up_by_id_never_iterated():
 
 def test_decisions_with_100k_agents(tmp_path, engine):
     data = tmp_path / "policies"
-    data.mkdir()
-    shutil.copy(ROOT / "policies" / "tools.yaml", data)
-    agents = yaml.safe_load((ROOT / "policies" / "agents.yaml").read_text())
+    shutil.copytree(ROOT / "policies" / "tools", data / "tools")
+    agents = yaml.safe_load((ROOT / "policies" / "agents" / "data.yaml").read_text())
     for i in range(100_000):
         agents[f"agent-{i:06d}"] = {"tools": {"shell": {"methods": ["POST"]}, "files": {"methods": ["GET"]}}}
-    (data / "agents.json").write_bytes(orjson.dumps(agents))
+    (data / "agents").mkdir()
+    (data / "agents" / "data.json").write_bytes(orjson.dumps(agents))
     big = EmbeddedEngine(ROOT / "rego", data)
     big.load()
     assert big.revision != engine.revision

@@ -4,7 +4,7 @@ Regate as a real process with the shipped Rego and data, in front of the demo
 tool (examples/demo_tool.py: shell and payments) and a JSON-RPC MCP server
 (tests/support/jsonrpc_upstream.py, which remembers what reached it). The
 only change to the shipped data: the shell and payments rates of
-policies/limits.yaml (2/s and 10/min, bursts of 5 and 3) are lifted, so that
+policies/limits/data.yaml (2/s and 10/min, bursts of 5 and 3) are lifted, so that
 the calls here can be made in a row, and it is the policy's running total,
 not a rate, that refuses the eleventh payment.
 """
@@ -50,9 +50,9 @@ def regate(servers, tmp_path_factory):
         {"sha256": hashlib.sha256(k.encode()).hexdigest(), "agent": a} for a, k in KEYS.items()]}))
     data = tmp / "policies"
     shutil.copytree(ROOT / "policies", data)
-    limits = yaml.safe_load((data / "limits.yaml").read_text())
+    limits = yaml.safe_load((data / "limits" / "data.yaml").read_text())
     limits["tools"]["payments"] = limits["tools"]["shell"] = {"rate": "100/s", "burst": 100}
-    (data / "limits.yaml").write_text(yaml.safe_dump(limits))
+    (data / "limits" / "data.yaml").write_text(yaml.safe_dump(limits))
     cfg = {
         "auth": {"mode": "api_key", "keys": str(keys)},
         "tools": [

@@ -42,7 +42,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize
 
 ALPHABET = "ABCXYZabcxyz0189_./=:,@%+-"
 PLAIN = re.compile(r"[A-Za-z0-9_./=:,@%+-]+( [A-Za-z0-9_./=:,@%+-]+)*")
-COMMANDS = yaml.safe_load((ROOT / "policies" / "tools.yaml").read_text())["shell"]["commands"]
+COMMANDS = yaml.safe_load((ROOT / "policies" / "tools" / "data.yaml").read_text())["shell"]["commands"]
 SHELLS = [s for s in ("/bin/dash", "/bin/bash") if shutil.which(s)]
 
 # What a shell reads differently from a plain word, one piece each.

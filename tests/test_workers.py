@@ -39,11 +39,20 @@ async def test_two_workers_share_the_port_and_drain_on_sigterm(upstream, keys_fi
         # In-flight calls on fresh connections (so both workers get some), then SIGTERM.
         async def slow_call():
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-                async with s.get(f"{regate.url}/tools/echo/slow?s=1.5", headers={"X-Api-Key": AGENT_KEY}) as r:
+                async with s.get(f"{regate.url}/tools/echo/slow?s=3", headers={"X-Api-Key": AGENT_KEY}) as r:
                     return r.status, r.headers["X-Regate-Decision-Id"][:10]
 
+        async def upstream_calls() -> int:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"{upstream}/_count") as r:
+                    return (await r.json())["calls"]
+
+        before = await upstream_calls()
         tasks = [asyncio.create_task(slow_call()) for _ in range(12)]
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while await upstream_calls() < before + 12:  # every call is at the tool, in flight
+            assert time.monotonic() < deadline, "the 12 calls did not reach the tool within 30 s"
+            await asyncio.sleep(0.02)
         regate.proc.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*tasks)
         assert [status for status, _ in results] == [200] * 12

@@ -6,7 +6,9 @@ once a human has said yes.
 `async` answers 202 `approval_pending` at once with the approval id and a
 status URL; the agent re-sends the same call with `X-Regate-Approval: <id>`,
 and it runs only if approved, unchanged (method, path, query and body hash)
-and not used before. Each step is an audit record linked by approval id and
+and not used before. `async` is the default, since few HTTP clients wait minutes;
+an agent that can wait sends `Prefer: wait=N` (RFC 7240) and is held up to N
+seconds, then answered 202 with the approval still pending. Each step is an audit record linked by approval id and
 decision id, so what ran can be shown to be exactly what was approved.
 """
 
@@ -148,11 +150,15 @@ class ApprovalStage:
         if given is not None:
             return await self._redeem(call, given.strip(), reasons)
         mode = d.approval_mode or self.tool_modes.get(call.tool.name) or self.mode
+        # async, and the agent sent `Prefer: wait=N` (RFC 7240): hold up to N seconds, then 202.
+        wait_s = prefer_wait(call.request.headers.get("Prefer")) if mode == "async" else None
+        if wait_s is not None:
+            wait_s = min(wait_s, self.timeout_s)
         now = self.clock()
         rec = new_record(call=call, mode=mode, reason=d.approval_reason, mask_names=d.approval_mask,
                          now=now, timeout_s=self.timeout_s)
         # Listen before the approval exists, so not even an instant decision is missed.
-        fut = self.store.events.waiter(rec["id"]) if mode == "hold" else None
+        fut = self.store.events.waiter(rec["id"]) if mode == "hold" or wait_s else None
         try:
             await self.store.create(rec, now, self.max_pending, self.keep_s)
         except (ApprovalStoreFull, ApprovalStoreError) as exc:
@@ -172,7 +178,9 @@ class ApprovalStage:
         call.response_headers[HEADER] = rec["id"]
         if fut is None:
             return self._pending(rec["id"], reasons)
-        return await self._hold(call, rec, fut, reasons)
+        if wait_s:
+            call.response_headers["Preference-Applied"] = f"wait={wait_s:g}"
+        return await self._hold(call, rec, fut, reasons, wait_s=wait_s)
 
     def _not_parked(self, call: Call, exc: Exception, reasons: list[str]) -> Rejection:
         if isinstance(exc, ApprovalStoreFull):
@@ -198,13 +206,17 @@ class ApprovalStage:
     # -- hold ----------------------------------------------------------------
 
     async def _hold(
-        self, call: Call, rec: dict[str, Any], fut: asyncio.Future[str], reasons: list[str]
+        self, call: Call, rec: dict[str, Any], fut: asyncio.Future[str], reasons: list[str],
+        wait_s: float | None = None,
     ) -> Rejection | None:
+        """Park the call until the approval is decided. With ``wait_s`` (an async approval
+        and `Prefer: wait=N`), the wait ends after that long with 202 and the approval pending."""
         approval_id = rec["id"]
         request = call.request
         events = self.store.events
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (rec["expires"] - self.clock())
+        waited_out = loop.time() + wait_s if wait_s else None
         next_read = loop.time() + self.reread_s
         self.metrics.held.inc()
         state: str | None = None
@@ -216,9 +228,12 @@ class ApprovalStage:
                         state = got
                         break
                     fut = events.waiter(approval_id)
+                now = loop.time()
+                if waited_out is not None and (now >= waited_out or _gone(request) or self._closing):
+                    # NOTE: an async approval outlives the wait: the agent re-sends with its id.
+                    return self._pending(approval_id, reasons)
                 if _gone(request) or self._closing:
                     return await self._withdraw(call, rec, reasons)
-                now = loop.time()
                 if now >= deadline:
                     return await self._expire(call, rec, reasons)
                 if now >= next_read:
@@ -231,7 +246,8 @@ class ApprovalStage:
                     if current is None or current["state"] in TERMINAL:
                         state = current["state"] if current is not None else "expired"
                         break
-                await asyncio.wait((fut,), timeout=min(self.poll_s, max(0.0, deadline - now)))
+                until = deadline if waited_out is None else min(deadline, waited_out)
+                await asyncio.wait((fut,), timeout=min(self.poll_s, max(0.0, until - now)))
         except asyncio.CancelledError:
             # The handler is being torn down: nobody can run this call any more.
             asyncio.ensure_future(self._settle_quietly(approval_id, "withdrawn"))
@@ -445,6 +461,21 @@ def _gone(request: web.BaseRequest) -> bool:
 def _timeout(timeout_s: float, reasons: list[str]) -> Rejection:
     return Rejection(408, "approval_timeout", f"no human approved this call within {timeout_s:g}s; it did not run",
                      reasons=reasons)
+
+
+def prefer_wait(header: str | None) -> float | None:
+    """Seconds of `Prefer: wait=N` (RFC 7240 section 4.3), or None when absent or not a number."""
+    if not header:
+        return None
+    for pref in header.split(","):
+        name, _, value = pref.split(";", 1)[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return None
+            return seconds if seconds > 0 and seconds == seconds else None
+    return None
 
 
 def _withdrawn() -> Rejection:

@@ -43,11 +43,12 @@ class Admission:
     the policy input's ``state.breaker`` and ``state.recent_failures``."""
 
     __slots__ = ("ticket", "_agents", "_loops", "agent", "tool", "method", "path", "body", "query",
-                 "breaker_state", "recent_failures", "_fingerprint")
+                 "breaker_state", "recent_failures", "_fingerprint", "would_refuse")
 
     def __init__(self, ticket: Ticket, agents: AgentBackoff | None, loops: LoopGuard | None, agent: str,
                  tool: str, method: str, path: str, body: Any, query: str, breaker_state: str,
-                 recent_failures: int, fingerprint: Fingerprint | None = None) -> None:
+                 recent_failures: int, fingerprint: Fingerprint | None = None,
+                 would_refuse: "tuple[Refusal, ...]" = ()) -> None:
         self.ticket = ticket
         self._agents = agents
         self._loops = loops
@@ -60,6 +61,9 @@ class Admission:
         self.breaker_state = breaker_state
         self.recent_failures = recent_failures
         self._fingerprint = fingerprint
+        # Refusals of guards in warn mode, not enforced: the call runs. The guard that
+        # would have refused it is not told its outcome (enforcing, it would not have run).
+        self.would_refuse = would_refuse
 
     @property
     def probe(self) -> bool:
@@ -94,7 +98,7 @@ class Admission:
 class Breakers:
     """The three guards over one config. Parts switched off by config are ``None``."""
 
-    __slots__ = ("config", "tools", "agents", "loops", "rejections", "_plans")
+    __slots__ = ("config", "tools", "agents", "loops", "rejections", "would_refuse", "_plans")
 
     def __init__(self, config: BreakersConfig | None = None,
                  on_transition: TransitionListener | None = None) -> None:
@@ -104,7 +108,10 @@ class Breakers:
         self.loops = LoopGuard(config.loop_config) if any_enabled(config, "loop") else None
         # Refusals by code, for the rejection metric.
         self.rejections = {"tool_unavailable": 0, "agent_backoff": 0, "retry_loop": 0}
-        self._plans: dict[str, tuple] = {}  # tool -> (breaker, agents, loops), None where off
+        # Refusals of guards in warn mode (the calls ran), by code.
+        self.would_refuse = {"tool_unavailable": 0, "agent_backoff": 0, "retry_loop": 0}
+        # tool -> (breaker, agents, loops, warn tool, warn agent, warn loop), None where off
+        self._plans: dict[str, tuple] = {}
 
     def admit(self, agent: str, tool: str, method: str, path: str, body: Any, now: float,
               query: str = "", loop: bool = True) -> Admission | Refusal:
@@ -113,35 +120,64 @@ class Breakers:
         plan = self._plans.get(tool)
         if plan is None:
             plan = self._plan(tool)
-        breaker, agents, loops = plan
+        breaker, agents, loops, w_tool, w_agent, w_loop = plan
+        if self.config.agent_modes:
+            m = self.config.agent_modes.get(agent)
+            if m is not None:
+                w_tool = w_agent = w_loop = m == "warn"
         if not loop:
             loops = None  # a body the guard cannot read: it cannot tell such calls apart
+        warned: list[Refusal] = []
+        tool_warned = False
         if breaker is not None and breaker.state is not CLOSED and breaker.poll(now) is OPEN:
             # A sick tool is the truer diagnosis than this agent's own failures against it.
-            self.rejections["tool_unavailable"] += 1
-            return breaker.admit(now)  # type: ignore[return-value]
+            r = breaker.admit(now)
+            if not w_tool:
+                self.rejections["tool_unavailable"] += 1
+                return r  # type: ignore[return-value]
+            warned.append(r)  # type: ignore[arg-type]
+            tool_warned = True
         if agents is not None:
             r = agents.check(agent, tool, now)
             if r is not None:
-                self.rejections["agent_backoff"] += 1
-                return r
+                if not w_agent:
+                    self.rejections["agent_backoff"] += 1
+                    return r
+                warned.append(r)
+                agents = None
         recent = 0
         fp = None
         if loops is not None:
             r, fp = loops.inspect(agent, tool, method, path, body, now, query)
             if r is not None:
-                self.rejections["retry_loop"] += 1
-                return r
-            recent = loops.recent_failures(agent, tool, now)
-        if breaker is not None:
+                if not w_loop:
+                    self.rejections["retry_loop"] += 1
+                    return r
+                warned.append(r)
+                recent = loops.recent_failures(agent, tool, now)
+                loops = None
+            else:
+                recent = loops.recent_failures(agent, tool, now)
+        if breaker is not None and not tool_warned:
             t = breaker.admit(now)
             if t.__class__ is Refusal:
-                self.rejections["tool_unavailable"] += 1
-                return t  # type: ignore[return-value]
+                if not w_tool:
+                    self.rejections["tool_unavailable"] += 1
+                    return t  # type: ignore[return-value]
+                warned.append(t)  # type: ignore[arg-type]
+                t = Ticket(breaker, -1, False)  # never matches a generation: changes nothing
+            state = breaker.state
+        elif breaker is not None:
+            t = Ticket(breaker, -1, False)
             state = breaker.state
         else:
             t = Ticket(self.tools.get(tool), -1, False)  # never matches a generation: changes nothing
             state = CLOSED
+        if warned:
+            for r in warned:
+                self.would_refuse[r.code] = self.would_refuse.get(r.code, 0) + 1
+            return Admission(t, agents, loops, agent, tool, method, path, body, query, state, recent, fp,  # type: ignore[arg-type]
+                             tuple(warned))
         return Admission(t, agents, loops, agent, tool, method, path, body, query, state, recent, fp)  # type: ignore[arg-type]
 
     def _plan(self, tool: str) -> tuple:
@@ -151,6 +187,9 @@ class Breakers:
             breaker if breaker.config.enabled else None,
             self.agents if self.agents is not None and cfg.agent_config(tool).enabled else None,
             self.loops if self.loops is not None and cfg.loop_config(tool).enabled else None,
+            breaker.config.mode == "warn",
+            cfg.agent_config(tool).mode == "warn",
+            cfg.loop_config(tool).mode == "warn",
         )
         return plan
 
@@ -173,6 +212,7 @@ class Breakers:
             "agents": self.agents.snapshot(now) if self.agents is not None else [],
             "loops": self.loops.snapshot(now) if self.loops is not None else [],
             "rejections": dict(self.rejections),
+            "would_refuse": dict(self.would_refuse),
         }
 
 

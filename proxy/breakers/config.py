@@ -3,7 +3,10 @@
 Plain frozen dataclasses, validated once at load time; the hot path only reads
 attributes. Three sections (``tool``, ``agent``, ``loop``) hold the defaults for
 every tool, and ``overrides.<tool name>`` may restate any of their settings for
-one tool. Every problem is reported with the field path that holds it
+one tool. ``mode`` (enforce | warn) is one more such setting: ``breakers.mode`` is the
+default of all three sections, and ``breakers.agents.<id>.mode`` overrides every guard
+for one agent's calls (warn: a guard reports its refusal and lets the call run).
+Every problem is reported with the field path that holds it
 (``breakers.tool.failure_ratio: must be between 0 and 1 (got 1.5)``), all of
 them at once, so a bad file is fixed in one pass.
 """
@@ -37,6 +40,8 @@ class ToolBreakerConfig:
     # A half-open episode that has not closed this long after its first probe re-opens.
     # Keep it above the tool's timeout_ms, or a slow probe re-opens a healthy tool.
     half_open_timeout_s: float = 60.0
+    # warn: an open breaker's refusal is counted and audited, and the call runs.
+    mode: str = "enforce"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class AgentBackoffConfig:
     # max_entries failing pairs are remembered (the least recently failing go first).
     idle_ttl_s: float = 600.0
     max_entries: int = 10_000
+    # warn: a back-off's refusal is counted and audited, and the call runs.
+    mode: str = "enforce"
 
 
 DEFAULT_IGNORE_FIELDS = (
@@ -85,6 +92,8 @@ class LoopGuardConfig:
     # Memory bounds (global only): failures kept per agent x tool, and pairs kept.
     history: int = 16
     max_entries: int = 1024
+    # warn: a loop's refusal is counted and audited, and the call runs.
+    mode: str = "enforce"
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,8 @@ class BreakersConfig:
     loop: LoopGuardConfig = LoopGuardConfig()
     # tool name -> its fully merged sections; tools not named use the defaults.
     overrides: Mapping[str, "ToolOverride"] = field(default_factory=dict)
+    # agent id -> mode (enforce | warn) of all three guards for that agent's calls.
+    agent_modes: Mapping[str, str] = field(default_factory=dict)
 
     def tool_config(self, tool: str) -> ToolBreakerConfig:
         o = self.overrides.get(tool)
@@ -132,6 +143,10 @@ def _ratio(v: float) -> str | None:
     return None if 0 < v <= 1 else f"must be between 0 and 1 (got {v})"
 
 
+def _mode(v: str) -> str | None:
+    return None if v in ("enforce", "warn") else f"must be enforce or warn (got {v!r})"
+
+
 def _statuses(v: tuple[int, ...]) -> str | None:
     bad = [s for s in v if not 400 <= s <= 599]
     return f"must be HTTP error statuses 400-599 (got {bad[0]})" if bad else None
@@ -140,6 +155,7 @@ def _statuses(v: tuple[int, ...]) -> str | None:
 _CHECKS: dict[type, dict[str, Check]] = {
     ToolBreakerConfig: {
         "consecutive_failures": _at_least(0),
+        "mode": _mode,
         "failure_ratio": _ratio,
         "min_calls": _at_least(1),
         "window_s": _positive,
@@ -151,6 +167,7 @@ _CHECKS: dict[type, dict[str, Check]] = {
     },
     AgentBackoffConfig: {
         "consecutive_failures": _at_least(1),
+        "mode": _mode,
         "backoff_s": _positive,
         "backoff_multiplier": _at_least(1),
         "max_backoff_s": _positive,
@@ -159,6 +176,7 @@ _CHECKS: dict[type, dict[str, Check]] = {
     },
     LoopGuardConfig: {
         "repeats": _at_least(1),
+        "mode": _mode,
         "window_s": _positive,
         "similarity": _ratio,
         "ignore_statuses": _statuses,
@@ -190,6 +208,10 @@ def _coerce(value: Any, default: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         problems.append(f"{where}: must be a number (got {value!r})")
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: must be a string (got {value!r})")
     elif isinstance(default, tuple):
         want = type(default[0]) if default else str
         if isinstance(value, (list, tuple)) and all(
@@ -255,11 +277,31 @@ def parse(raw: Mapping[str, Any] | None, tools: Iterable[str] | None = None, whe
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: must be a mapping of settings (got {type(raw).__name__})")
     for key in raw:
-        if key not in (*_SECTIONS, "overrides"):
-            problems.append(f"{where}.{key}: unknown key (known: tool, agent, loop, overrides)")
+        if key not in (*_SECTIONS, "overrides", "mode", "agents"):
+            problems.append(f"{where}.{key}: unknown key (known: mode, tool, agent, loop, overrides, agents)")
+    # breakers.mode: the default mode of all three sections (each may restate its own).
+    top = raw.get("mode", "enforce")
+    if top not in ("enforce", "warn"):
+        problems.append(f"{where}.mode: must be enforce or warn (got {top!r})")
+        top = "enforce"
     sections = {
-        name: _section(raw.get(name), cls(), f"{where}.{name}", problems) for name, cls in _SECTIONS.items()
+        name: _section(raw.get(name), cls(mode=top), f"{where}.{name}", problems)
+        for name, cls in _SECTIONS.items()
     }
+    agent_modes: dict[str, str] = {}
+    raw_agents = raw.get("agents") or {}
+    if not isinstance(raw_agents, Mapping):
+        problems.append(f"{where}.agents: must map agent ids to {{mode: enforce | warn}} "
+                        f"(got {type(raw_agents).__name__})")
+        raw_agents = {}
+    for agent_id, body in raw_agents.items():
+        at = f"{where}.agents.{agent_id}"
+        if not isinstance(body, Mapping) or set(body) != {"mode"}:
+            problems.append(f"{at}: must be {{mode: enforce | warn}} (got {body!r})")
+        elif body["mode"] not in ("enforce", "warn"):
+            problems.append(f"{at}.mode: must be enforce or warn (got {body['mode']!r})")
+        else:
+            agent_modes[str(agent_id)] = body["mode"]
     overrides: dict[str, ToolOverride] = {}
     raw_over = raw.get("overrides") or {}
     if not isinstance(raw_over, Mapping):
@@ -285,4 +327,4 @@ def parse(raw: Mapping[str, Any] | None, tools: Iterable[str] | None = None, whe
         )
     if problems:
         raise ValueError("\n".join(problems))
-    return BreakersConfig(overrides=overrides, **sections)
+    return BreakersConfig(overrides=overrides, agent_modes=agent_modes, **sections)

@@ -13,16 +13,18 @@ refused before evaluation: 413, never failed open).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError, NoBundleYet, load_bundle
 from .decision import Decision, DecisionError, EngineError, normalise, parse_decision
 
 if TYPE_CHECKING:
     from proxy.config import Config
 
+    from .bundle import BundleSource, SigningKey
+
 __all__ = [
-    "Bundle", "BundleError", "Decision", "DecisionError", "Engine", "EngineError", "EngineTimeout", "OffEngine",
+    "Bundle", "BundleError", "NoBundleYet", "Decision", "DecisionError", "Engine", "EngineError", "EngineTimeout", "OffEngine",
     "PolicyInputTooLarge", "build_engine", "load_bundle", "normalise", "parse_decision",
 ]
 
@@ -91,6 +93,42 @@ def build_engine(cfg: "Config") -> Engine:
                          token=policy.opa.token, rego_dir=rego_dir, data_dir=data_dir)
     from .embedded import EmbeddedEngine
 
-    return EmbeddedEngine(rego_dir, data_dir, policy.decision, timeout_ms=policy.timeout_ms,
-                          max_input_bytes=policy.max_input_bytes, inline_input_bytes=policy.inline_input_bytes,
-                          eval_processes=policy.eval_processes)
+    source = bundle_source(cfg)
+    engine = EmbeddedEngine(rego_dir, data_dir, policy.decision, timeout_ms=policy.timeout_ms,
+                            max_input_bytes=policy.max_input_bytes, inline_input_bytes=policy.inline_input_bytes,
+                            eval_processes=policy.eval_processes, source=source, compiled=policy.compiled)
+    if hasattr(source, "attach"):
+        source.attach(engine)  # a bundle service installs what it downloads into this engine
+    return engine
+
+
+def bundle_source(cfg: "Config") -> "BundleSource | None":
+    """Where ``policy.bundle`` says the bundle comes from; None: policy.rego + policy.data."""
+    section = cfg.policy.bundle
+    if section is None:
+        return None
+    from .bundle import FileSource
+
+    if section.service is None:
+        return FileSource(cfg.path(section.path), signing_key(cfg, section.signing_key, "policy.bundle.signing_key"))
+    from proxy.bundles import BundleService
+
+    svc = section.service
+    key = svc.signing_key or section.signing_key
+    where = "policy.bundle.service.signing_key" if svc.signing_key else "policy.bundle.signing_key"
+    return BundleService(svc.url, poll_min_s=svc.poll_min_s, poll_max_s=svc.poll_max_s, headers=svc.headers,
+                         timeout_s=svc.timeout_s, signing=signing_key(cfg, key, where),
+                         persist_dir=cfg.path(svc.persist_dir) if svc.persist_dir is not None else None)
+
+
+def signing_key(cfg: "Config", section: Any, where: str) -> "SigningKey | None":
+    """The verification key of a ``signing_key`` section: PEM text, a PEM file beside
+    regate.yaml (read when the bundle loads), or for HS* the shared secret."""
+    if section is None:
+        return None
+    from .bundle import SigningKey
+
+    key = section.public_key
+    if section.algorithm.startswith("HS") or key.lstrip().startswith("-----BEGIN"):
+        return SigningKey(key, section.algorithm, section.scope, where)
+    return SigningKey.from_file(cfg.path(key), section.algorithm, section.scope, where)

@@ -30,7 +30,9 @@ which for a policy engine means calls allowed that OPA denies.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
+import itertools
 import logging
 import os
 import re
@@ -41,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -53,7 +55,7 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 import regorus  # noqa: E402
 
 from . import EngineTimeout, PolicyInputTooLarge
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError, BundleSource, DirectorySource, NoBundleYet, roots_contain
 from .decision import Decision, DecisionError, EngineError, parse_decision
 
 log = logging.getLogger("regate.engine")
@@ -263,6 +265,57 @@ class _Walker:
         self.read(tuple(static))
 
 
+# OPA v1.22.4's builtins (`opa capabilities`, deprecated and internal ones left out), and
+# those regorus lacks: `policy.engine: opa` helps only for a name in the second list.
+OPA_BUILTINS = frozenset("""
+    abs array.concat array.flatten array.reverse array.slice base64.decode base64.encode
+    base64.is_valid base64url.decode base64url.encode base64url.encode_no_pad bits.and bits.lsh
+    bits.negate bits.or bits.rsh bits.xor ceil concat contains count crypto.hmac.equal
+    crypto.hmac.md5 crypto.hmac.sha1 crypto.hmac.sha256 crypto.hmac.sha512 crypto.md5
+    crypto.parse_private_keys crypto.sha1 crypto.sha256 crypto.x509.parse_and_verify_certificates
+    crypto.x509.parse_and_verify_certificates_with_options crypto.x509.parse_certificate_request
+    crypto.x509.parse_certificates crypto.x509.parse_keypair crypto.x509.parse_rsa_private_key
+    endswith floor format_int glob.match glob.quote_meta graph.reachable graph.reachable_paths
+    graphql.is_valid graphql.parse graphql.parse_and_verify graphql.parse_query graphql.parse_schema
+    graphql.schema_is_valid hex.decode hex.encode http.send indexof indexof_n intersection
+    io.jwt.decode io.jwt.decode_verify io.jwt.encode_sign io.jwt.encode_sign_raw io.jwt.verify_eddsa
+    io.jwt.verify_es256 io.jwt.verify_es384 io.jwt.verify_es512 io.jwt.verify_hs256
+    io.jwt.verify_hs384 io.jwt.verify_hs512 io.jwt.verify_ps256 io.jwt.verify_ps384
+    io.jwt.verify_ps512 io.jwt.verify_rs256 io.jwt.verify_rs384 io.jwt.verify_rs512 is_array
+    is_boolean is_null is_number is_object is_set is_string json.filter json.is_valid json.marshal
+    json.marshal_with_options json.match_schema json.patch json.remove json.unmarshal
+    json.verify_schema lower max min net.cidr_contains net.cidr_contains_matches net.cidr_expand
+    net.cidr_intersects net.cidr_is_valid net.cidr_merge net.lookup_ip_addr numbers.range
+    numbers.range_step object.filter object.get object.keys object.remove object.subset object.union
+    object.union_n opa.runtime print product providers.aws.sign_req rand.intn
+    regex.find_all_string_submatch_n regex.find_n regex.globs_match regex.is_valid regex.match
+    regex.replace regex.split regex.template_match rego.metadata.chain rego.metadata.rule
+    rego.parse_module replace round semver.compare semver.is_valid sort split sprintf startswith
+    strings.any_prefix_match strings.any_suffix_match strings.count strings.render_template
+    strings.replace_n strings.reverse strings.split_n substring sum time.add_date time.clock
+    time.date time.diff time.format time.now_ns time.parse_duration_ns time.parse_ns
+    time.parse_rfc3339_ns time.weekday to_number trace trim trim_left trim_prefix trim_right
+    trim_space trim_suffix type_name union units.parse units.parse_bytes upper uri.is_valid
+    uri.parse urlquery.decode urlquery.decode_object urlquery.encode urlquery.encode_object
+    uuid.parse uuid.rfc4122 walk yaml.is_valid yaml.marshal yaml.unmarshal
+""".split())
+OPA_ONLY_BUILTINS = frozenset("""
+    array.flatten crypto.hmac.equal crypto.hmac.md5 crypto.hmac.sha1 crypto.hmac.sha256
+    crypto.hmac.sha512 crypto.md5 crypto.parse_private_keys crypto.sha1 crypto.sha256
+    crypto.x509.parse_and_verify_certificates crypto.x509.parse_and_verify_certificates_with_options
+    crypto.x509.parse_certificate_request crypto.x509.parse_certificates crypto.x509.parse_keypair
+    crypto.x509.parse_rsa_private_key graphql.is_valid graphql.parse graphql.parse_and_verify
+    graphql.parse_query graphql.parse_schema graphql.schema_is_valid io.jwt.decode
+    io.jwt.decode_verify io.jwt.encode_sign io.jwt.encode_sign_raw io.jwt.verify_eddsa
+    io.jwt.verify_es256 io.jwt.verify_es384 io.jwt.verify_es512 io.jwt.verify_hs256
+    io.jwt.verify_hs384 io.jwt.verify_hs512 io.jwt.verify_ps256 io.jwt.verify_ps384
+    io.jwt.verify_ps512 io.jwt.verify_rs256 io.jwt.verify_rs384 io.jwt.verify_rs512
+    net.cidr_contains_matches net.cidr_intersects net.cidr_merge net.lookup_ip_addr
+    providers.aws.sign_req regex.globs_match rego.metadata.chain rego.metadata.rule
+    rego.parse_module strings.render_template strings.split_n uri.is_valid uri.parse
+""".split())
+
+
 @functools.lru_cache(maxsize=512)
 def regorus_has_builtin(name: str, nargs: int) -> bool:
     """Whether regorus implements ``name``: evaluate a call to it and read the error."""
@@ -281,12 +334,20 @@ def missing_builtins(scan: PolicyScan) -> list[str]:
     problems: list[str] = []
     for call in scan.calls:
         if call.builtin and not regorus_has_builtin(call.name, call.nargs):
-            problems.append(
-                f"{call.where}: {call.name} is not available in the embedded engine (regorus). "
-                "Verify tokens in Regate's identify stage and pass the claims in input, or evaluate "
-                "this bundle with an OPA server: set `policy.engine: opa` in regate.yaml."
-            )
+            problems.append(f"{call.where}: {_missing_builtin_text(call.name)}")
     return list(dict.fromkeys(problems))
+
+
+def _missing_builtin_text(name: str) -> str:
+    if name in OPA_ONLY_BUILTINS:
+        hint = ("Verify tokens in Regate's identify stage and pass the claims in input, or evaluate "
+                if name.startswith("io.jwt.") else "Evaluate ")
+        return (f"{name} is not available in the embedded engine (regorus): an OPA builtin it does "
+                f"not implement. {hint}"
+                "this bundle with an OPA server: set `policy.engine: opa` in regate.yaml.")
+    close = difflib.get_close_matches(name, sorted(OPA_BUILTINS), n=1, cutoff=0.8)
+    return (f"{name} is undefined: no builtin and no function of the bundle has that name"
+            + (f" (did you mean {close[0]}?)" if close else "") + ".")
 
 
 def _projection(paths: list[tuple[str, ...]] | None) -> dict | None:
@@ -327,26 +388,58 @@ def _rule_path(decision: str) -> str:
     return "data." + decision.strip("/").replace("/", ".")
 
 
+_SERIALS = itertools.count(1)
+
+
+def add_modules(engine: regorus.Engine, modules: list[Any]) -> list[str]:
+    """Add each module in its Rego version (a bundle's manifest may say v0); the problems."""
+    problems: list[str] = []
+    for module in modules:
+        try:
+            engine.set_rego_v0(bool(module.rego_v0))
+            engine.add_policy(module.name, module.source)
+        except RuntimeError as exc:
+            problems.append(format_regorus_error(exc))
+    engine.set_rego_v0(False)
+    return problems
+
+
+def outside_roots(ast_json: str, roots: list[str]) -> list[str]:
+    """One problem per module whose package the manifest's roots do not permit (as OPA refuses it)."""
+    if roots == [""] or not roots:
+        return []
+    problems = []
+    for mod in orjson.loads(ast_json):
+        pkg = _static_name(mod["ast"]["package"]["refr"]) or []
+        path = "/".join(pkg[1:] if pkg[:1] == ["data"] else pkg)
+        if not roots_contain(roots, path):
+            problems.append(f"{mod['source']['file']}: .manifest roots {roots} do not permit "
+                            f"package {'.'.join(pkg)}")
+    return problems
+
+
 class CompiledBundle:
     """One bundle loaded into regorus, ready to evaluate one rule."""
 
-    __slots__ = ("engine", "rule", "revision", "bundle", "projection", "memo", "memo_size")
+    __slots__ = ("engine", "rule", "revision", "bundle", "projection", "memo", "memo_size", "serial", "fast")
 
-    def __init__(self, bundle: Bundle, decision: str, *, memo_size: int = _MEMO_SIZE) -> None:
+    def __init__(self, bundle: Bundle, decision: str, *, memo_size: int = _MEMO_SIZE,
+                 compiled: str = "off") -> None:
         self.bundle = bundle
         self.revision = bundle.revision
+        # Which compiled bundle a worker process holds: two bundles may share a
+        # manifest revision, never a serial.
+        self.serial = next(_SERIALS)
         self.rule = _rule_path(decision)
         engine = regorus.Engine()
-        problems: list[str] = []
         serving = [m for m in bundle.modules if not m.is_test]
-        for module in serving:
-            try:
-                engine.add_policy(module.name, module.source)
-            except RuntimeError as exc:
-                problems.append(format_regorus_error(exc))
+        problems = add_modules(engine, serving)
         if problems:
             raise BundleError(problems)
         ast_json = engine.get_ast_as_json()
+        problems = outside_roots(ast_json, bundle.roots)
+        if problems:
+            raise BundleError(problems)
         scan = scan_modules(ast_json)
         problems = missing_builtins(scan)
         if problems:
@@ -367,6 +460,13 @@ class CompiledBundle:
         self.memo: dict[str, Any] | None = {} if deterministic and memo_size > 0 else None
         self.memo_size = memo_size
         self.engine = engine
+        # policy.compiled: auto: the bundle compiled to Python from OPA's plan, checked
+        # against regorus on generated inputs now; None: regorus decides every call.
+        self.fast: Any = None
+        if compiled == "auto":
+            from .plan import build_checked
+            self.fast = build_checked([(m.name, m.source) for m in serving], bundle.data_json, self.rule,
+                                      self._input_text, self._eval_text)
 
     def _check_rule(self, engine: regorus.Engine) -> None:
         try:
@@ -386,6 +486,11 @@ class CompiledBundle:
             # real call carries a full input document. Nothing to report.
 
     def _eval_text(self, text: str) -> str:
+        fast = self.fast
+        if fast is not None:
+            out = fast.eval_text(text)
+            if out is not None:  # None: an input the compiled path hands to regorus
+                return out
         engine = self.engine
         try:
             engine.set_input_json(text)
@@ -456,7 +561,7 @@ class CompiledBundle:
         """What a worker process needs to evaluate this bundle (EvaluationPool)."""
         return orjson.dumps({
             "rule": self.rule,
-            "modules": [[m.name, m.source] for m in self.bundle.modules if not m.is_test],
+            "modules": [[m.name, m.source, m.rego_v0] for m in self.bundle.modules if not m.is_test],
             "data": self.bundle.data_json,
         })
 
@@ -520,7 +625,8 @@ def serve_worker() -> None:
             elif op == b"L":
                 doc = orjson.loads(body)
                 new = regorus.Engine()
-                for name, source in doc["modules"]:
+                for name, source, rego_v0 in doc["modules"]:
+                    new.set_rego_v0(bool(rego_v0))
                     new.add_policy(name, source)
                 new.add_data_json(doc["data"])
                 new.eval_query("true")  # the static checks, before the first input
@@ -539,7 +645,7 @@ def serve_worker() -> None:
 
 
 class _Worker:
-    """One worker process, its pipes, and the bundle revision loaded in it."""
+    """One worker process, its pipes, and the compiled bundle (its serial) loaded in it."""
 
     __slots__ = ("proc", "reader", "reading", "writer", "revision")
 
@@ -548,19 +654,19 @@ class _Worker:
         self.reader: asyncio.StreamReader | None = None
         self.reading: asyncio.BaseTransport | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.revision: str | None = None
+        self.revision: int | None = None
 
     async def ensure(self, compiled: CompiledBundle) -> None:
         """Running, with ``compiled``'s bundle loaded."""
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             await self._spawn()
-        if self.revision != compiled.revision:
+        if self.revision != compiled.serial:
             kind, body = await self.request(b"L", compiled.worker_payload())
             if kind != b"K":
                 raise EngineError("the policy worker process could not load the bundle: "
                                   f"{body.decode(errors='replace')}")
-            self.revision = compiled.revision
+            self.revision = compiled.serial
 
     async def _spawn(self) -> None:
         # subprocess.Popen with pipes of our own, not asyncio.create_subprocess_exec:
@@ -725,18 +831,27 @@ class EvaluationPool:
 
 
 class EmbeddedEngine:
-    """Engine protocol over regorus; see the module docstring."""
+    """Engine protocol over regorus; see the module docstring.
+
+    The bundle comes from ``source`` (Regate's two directories by default, an
+    ``opa build`` tarball, or a bundle service's last good bundle) on start and
+    reload, or is handed in by ``install`` (a bundle service that downloaded a
+    new one). A source with no bundle yet (``NoBundleYet``) leaves the engine
+    started but unloaded: every call is an EngineError until a bundle arrives.
+    """
 
     name = "embedded"
 
-    def __init__(self, rego_dir: str | Path, data_dir: str | Path | None,
+    def __init__(self, rego_dir: str | Path | None, data_dir: str | Path | None,
                  decision: str = "regate/decision", *, memo_size: int = _MEMO_SIZE, timeout_ms: int = 50,
                  max_input_bytes: int = 2 << 20, inline_input_bytes: int = 16 << 10,
-                 eval_processes: int = 0) -> None:
-        self.rego_dir = Path(rego_dir)
+                 eval_processes: int = 0, source: BundleSource | None = None, compiled: str = "off") -> None:
+        self.rego_dir = Path(rego_dir) if rego_dir is not None else None
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.source = source if source is not None else DirectorySource(self.rego_dir or Path("."), self.data_dir)
         self.decision = decision
         self.memo_size = memo_size
+        self.compiled_mode = compiled  # policy.compiled
         self.timeout_ms = timeout_ms
         self._timeout_s = timeout_ms / 1000
         self._cpu_budget_ns = timeout_ms * 1_000_000
@@ -747,12 +862,18 @@ class EmbeddedEngine:
         self.pool = EvaluationPool(eval_processes) if eval_processes > 0 else None
         self._compiled: CompiledBundle | None = None
         self._reload_lock: asyncio.Lock | None = None
+        #: Each is called with a bundle about to serve, after it compiled: it checks what
+        #: else the bundle feeds (the rate limiter's data.limits) and returns a commit to
+        #: run at the swap (or None), or raises BundleError to refuse the bundle.
+        self.bundle_hooks: list[Callable[[Bundle], Callable[[], None] | None]] = []
+        #: Why there is no bundle, when there is none: what every call is refused with.
+        self.unloaded_reason = "the embedded engine has not been started"
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, decision: str = "regate/decision", *,
                     memo_size: int = _MEMO_SIZE, **limits: Any) -> "EmbeddedEngine":
         engine = cls(bundle.rego_dir or Path("."), bundle.data_dir, decision, memo_size=memo_size, **limits)
-        engine._compiled = CompiledBundle(bundle, decision, memo_size=memo_size)
+        engine._compiled = CompiledBundle(bundle, decision, memo_size=memo_size, compiled=engine.compiled_mode)
         return engine
 
     @property
@@ -760,27 +881,57 @@ class EmbeddedEngine:
         return self._compiled.revision if self._compiled else "unloaded"
 
     @property
+    def bundle(self) -> Bundle | None:
+        """The bundle serving now (None before the first one)."""
+        return self._compiled.bundle if self._compiled else None
+
+    @property
     def compiled(self) -> CompiledBundle:
         if self._compiled is None:
-            raise EngineError("the embedded engine has not been started")
+            raise EngineError(self.unloaded_reason)
         return self._compiled
 
     def load(self) -> str:
         """Load (or reload) synchronously; BundleError leaves the serving bundle in place."""
-        bundle = load_bundle(self.rego_dir, self.data_dir)
-        self._compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size)
-        return self._compiled.revision
+        return self.install(self.source.load())
+
+    def install(self, bundle: Bundle) -> str:
+        """Compile ``bundle`` beside the serving one, then swap: one reference, so a call is
+        judged by the old bundle or the new one, never a mix. BundleError (the bundle or a
+        hook refused it) leaves the serving bundle in place. Runs on the loop's thread:
+        regorus objects belong to the thread that made them."""
+        compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size, compiled=self.compiled_mode)
+        commits = [hook(bundle) for hook in self.bundle_hooks]
+        # The swap: no await from here on.
+        self._compiled = compiled
+        for commit in commits:
+            if commit is not None:
+                commit()
+        if self.pool is not None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # load() outside a loop: start() brings the workers along
+                pass
+            else:
+                self.pool.prepare(compiled)  # the workers follow, in the background
+        return compiled.revision
 
     async def start(self) -> None:
         if self._compiled is None:
-            await self.reload()
+            try:
+                await self.reload()
+            except NoBundleYet as exc:
+                # NOTE: not a startup failure. Calls are refused (policy_error) and
+                # readiness says why until the bundle service delivers a bundle.
+                self.unloaded_reason = str(exc)
+                log.warning("policy: %s", exc)
         elif self.pool is not None:
             self.pool.prepare(self._compiled)
 
     async def evaluate(self, input: dict) -> Decision:  # noqa: A002 - the protocol's name
         compiled = self._compiled
         if compiled is None:
-            raise EngineError("the embedded engine has not been started")
+            raise EngineError(self.unloaded_reason)
         text = compiled.input_bytes(input)
         size = len(text)
         if size > self.max_input_bytes:
@@ -804,18 +955,13 @@ class EmbeddedEngine:
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
-            # Reading files and parsing YAML happens off the loop; regorus
-            # objects must be made on the thread that uses them (the loop).
-            bundle = await asyncio.to_thread(load_bundle, self.rego_dir, self.data_dir)
-            compiled = CompiledBundle(bundle, self.decision, memo_size=self.memo_size)
-            # The swap: one reference. A call sees the old bundle or the new one.
-            self._compiled = compiled
-            if self.pool is not None:
-                self.pool.prepare(compiled)  # the workers follow, in the background
-            return compiled.revision
+            # Reading files, unpacking, verifying and parsing YAML happens off the loop.
+            bundle = await asyncio.to_thread(self.source.load)
+            return self.install(bundle)
 
     async def close(self) -> None:
         self._compiled = None
+        self.unloaded_reason = "the embedded engine is closed"
         if self.pool is not None:
             await self.pool.close()
             self.pool = EvaluationPool(self.pool.size)  # a later start() starts fresh workers

@@ -65,6 +65,17 @@ class Budget:
         self.window_s = window_s
         self.window_us = window_s * _US
 
+    # A plain Budget is a one-window budget whose mode comes from the table (see BudgetWindows).
+    mode = None
+
+    @property
+    def windows(self) -> tuple["Budget", ...]:
+        return (self,)
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return ("",)
+
     def policy_item(self, name: str = "budget") -> str:
         """A ``RateLimit-Policy`` member (q is whole units, rounded down)."""
         return f'"{name}";q={int(self.units)};w={self.window_s}'
@@ -79,20 +90,65 @@ class Budget:
         return f"Budget({self.units:g} per {self.window_s}s)"
 
 
+def _period(seconds: int) -> str:
+    for unit, n in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % n == 0:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
+class BudgetWindows:
+    """One budget of several windows (100 units per hour and 1000 per day): a charge
+    passes only if every window has room, and is then spent in each. Shortest first; the
+    shortest keeps the budget's name and key, the others are named ``budget-<w>``.
+    ``mode``: "enforce", "warn" or None (inherit)."""
+
+    __slots__ = ("windows", "mode", "suffixes")
+
+    def __init__(self, windows, mode: str | None = None) -> None:
+        ws = tuple(sorted(windows, key=lambda b: b.window_s))
+        if not ws:
+            raise ValueError("a budget needs at least one window")
+        if len({b.window_s for b in ws}) != len(ws):
+            raise ValueError("two windows of the same length: give each window a different window")
+        if mode not in (None, "enforce", "warn"):
+            raise ValueError(f"mode must be enforce or warn, got {mode!r}")
+        self.windows = ws
+        self.mode = mode
+        self.suffixes = ("",) + tuple(f"-{_period(b.window_s)}" for b in ws[1:])
+
+    def policy_item(self, name: str = "budget") -> str:
+        """Every window's ``RateLimit-Policy`` member."""
+        return ", ".join(b.policy_item(name + sfx) for b, sfx in zip(self.windows, self.suffixes))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BudgetWindows) and self.windows == other.windows and self.mode == other.mode
+
+    def __hash__(self) -> int:
+        return hash((self.windows, self.mode))
+
+    def __repr__(self) -> str:
+        m = f", mode={self.mode!r}" if self.mode else ""
+        return f"BudgetWindows({list(self.windows)!r}{m})"
+
+
 class BudgetVerdict:
     """``allowed``; ``remaining`` units (never below 0; None: no budget applies);
     ``reset_s`` until the window ends and the budget is whole again; ``store_error``
     as on RateDecision (None, "local", "allow" or "deny")."""
 
-    __slots__ = ("allowed", "remaining", "reset_s", "budget", "store_error")
+    __slots__ = ("allowed", "remaining", "reset_s", "budget", "store_error", "suffix")
 
     def __init__(self, allowed: bool, remaining: float | None, reset_s: float | None,
-                 budget: Budget | None, store_error: str | None = None) -> None:
+                 budget: Budget | None, store_error: str | None = None, suffix: str = "") -> None:
         self.allowed = allowed
         self.remaining = remaining
         self.reset_s = reset_s
+        # For a budget of several windows: the binding one (the refusing window that
+        # resets last, else the one with the least left), and its name's suffix.
         self.budget = budget
         self.store_error = store_error
+        self.suffix = suffix
 
     def retry_after_header(self) -> str | None:
         """Whole seconds until the window resets (rounded up, >= 1), or None without a budget."""
@@ -104,7 +160,7 @@ class BudgetVerdict:
         """A ``RateLimit`` member (r is whole units, rounded down), or None without a budget."""
         if self.remaining is None:
             return None
-        return f'"{name}";r={int(self.remaining)};t={-int(-self.reset_s // 1)}'
+        return f'"{name}{self.suffix}";r={int(self.remaining)};t={-int(-self.reset_s // 1)}'
 
     def __repr__(self) -> str:
         return (f"BudgetVerdict(allowed={self.allowed}, remaining={self.remaining!r}, "
@@ -134,6 +190,44 @@ def budget_step(stored_end_us: int | None, stored_window_s: int | None, stored_s
     return allowed, spent, end_us, write
 
 
+def budget_windows(stored: list, now_us: int, windows, cost: float, mode: str
+                   ) -> tuple[bool, list[tuple[float, int, bool]], list[bool]]:
+    """Every window of a budget at once: (allowed, per window (spent after, end µs,
+    own allowed), per window write?). Mirrored by the Redis Lua script.
+
+    ``stored``: per window (end µs, window_s, spent) or None. A charge is spent in every
+    window or in none: it is allowed only when each window has room for it.
+    """
+    steps = []
+    allowed = True
+    for st, b in zip(stored, windows):
+        r = budget_step(st[0], st[1], st[2], now_us, b, cost, PEEK) if st is not None else \
+            budget_step(None, None, 0.0, now_us, b, cost, PEEK)
+        steps.append(r)
+        allowed = allowed and r[0]
+    if mode == SPEND:
+        allowed = True
+    write = (mode == SPEND or (mode == CHARGE and allowed)) and cost != 0
+    return allowed, [((r[1] + cost) if write else r[1], r[2], r[0]) for r in steps], [write] * len(steps)
+
+
+def verdict_of(budget, allowed: bool, per_window: list[tuple[float, int, bool]], now_us: int,
+               store_error: str | None = None) -> BudgetVerdict:
+    """The verdict of a budget from its windows' (spent, end µs, own allowed)."""
+    best = None
+    for i, (spent, end_us, ok) in enumerate(per_window):
+        b = budget.windows[i]
+        left = b.units - spent
+        cand = (ok, left if left > 0 else 0.0, (end_us - now_us) / _US, b, budget.suffixes[i])
+        if best is None:
+            best = cand
+        elif not cand[0] and (best[0] or cand[2] > best[2]):
+            best = cand  # refusing: the one that resets last binds
+        elif cand[0] and best[0] and cand[1] < best[1]:
+            best = cand
+    return BudgetVerdict(allowed, best[1], best[2], best[3], store_error, best[4])
+
+
 class MemoryBudgets:
     """Per-process budgets; an agent's entry is dropped once its window has ended.
 
@@ -159,19 +253,33 @@ class MemoryBudgets:
         now_us = round((self._clock() if now is None else now) * _US)
         entries = self._spent
         key: object = agent if scope is None else (scope, agent)
-        stored = entries.get(key)
-        if stored is None:
-            allowed, spent, end_us, write = budget_step(None, None, 0.0, now_us, budget, cost, mode)
-        else:
-            allowed, spent, end_us, write = budget_step(stored[0], stored[1], stored[2], now_us,
-                                                         budget, cost, mode)
-        if write:
-            entries[key] = (end_us, budget.window_s, spent)
+        windows = budget.windows
+        if len(windows) == 1:
+            stored = entries.get(key)
             if stored is None:
-                self._sweep(now_us)
-        remaining = budget.units - spent
-        return BudgetVerdict(allowed, remaining if remaining > 0 else 0.0,
-                             (end_us - now_us) / _US, budget)
+                allowed, spent, end_us, write = budget_step(None, None, 0.0, now_us, windows[0], cost, mode)
+            else:
+                allowed, spent, end_us, write = budget_step(stored[0], stored[1], stored[2], now_us,
+                                                             windows[0], cost, mode)
+            if write:
+                entries[key] = (end_us, windows[0].window_s, spent)
+                if stored is None:
+                    self._sweep(now_us)
+            remaining = windows[0].units - spent
+            return BudgetVerdict(allowed, remaining if remaining > 0 else 0.0,
+                                 (end_us - now_us) / _US, windows[0])
+        # The shortest window at the key itself, the others at (key, window_s).
+        keys = [key] + [(key, b.window_s) for b in windows[1:]]
+        stored_all = [entries.get(k) for k in keys]
+        allowed, per_window, writes = budget_windows(stored_all, now_us, windows, cost, mode)
+        new = False
+        for k, st, b, (spent, end_us, _), w in zip(keys, stored_all, windows, per_window, writes):
+            if w:
+                entries[k] = (end_us, b.window_s, spent)
+                new = new or st is None
+        if new:
+            self._sweep(now_us)
+        return verdict_of(budget, allowed, per_window, now_us)
 
     async def check(self, agent: str, budget: Budget | None, cost: float,
                     now: float | None = None, *, scope: str | None = None) -> BudgetVerdict:

@@ -36,8 +36,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
-from .budgets import CHARGE, NO_BUDGET, PEEK, SPEND, Budget, BudgetVerdict, MemoryBudgets
-from .gcra import UNLIMITED, Clock, KeyResult, MemoryRateLimiter, Rate, RateDecision
+from .budgets import CHARGE, NO_BUDGET, PEEK, SPEND, Budget, BudgetVerdict, MemoryBudgets, verdict_of
+from .gcra import UNLIMITED, Clock, MemoryRateLimiter, RateDecision, assemble, plan_windows
 from .store import LatencyHook, StoreHealth
 
 _US = 1_000_000
@@ -60,79 +60,101 @@ else
 end
 """
 
-# gcra() and decide_pair() of gcra.py, for KEYS[1] (agent) and KEYS[2] (agent×tool).
-# ARGV: now_us ('' = server TIME), cost, interval_us/tolerance_us of each key
-# (interval 0: that key is unlimited). Returns, as one space-separated string
-# (one bulk reply parses far faster than a nine-element array): allowed, then
-# per key allowed, remaining, retry_after_us (-1 never), reset_us.
+# decide_windows() of gcra.py: every window of both keys of a call (KEYS, in the order
+# gcra.plan_windows gives). ARGV: now_us ('' = server TIME), cost, then per window its
+# interval_us, tolerance_us and warn flag ('1': warn mode). Returns, as one space-separated
+# string (one bulk reply parses far faster than an array): allowed, would_refuse, then per
+# window allowed, remaining, retry_after_us (-1 never), reset_us.
 GCRA_LUA = _NOW_LUA + """
 local cost = tonumber(ARGV[2])
-local res = {1, 0, 0, 0, 0, 0, 0, 0, 0}
-local tats, news, ints, tols = {}, {}, {}, {}
-for i = 1, 2 do
-  local interval = tonumber(ARGV[1 + 2 * i])
-  if interval > 0 then
-    local tol = tonumber(ARGV[2 + 2 * i])
-    local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
-    if tat < now then tat = now end
-    local inc = interval * cost
-    local new_tat = tat + inc
-    local allow_at = new_tat - tol
-    local b = 4 * i - 2
-    if now < allow_at then
-      res[1] = 0
-      local remaining = math.floor((now - tat + tol) / interval)
-      if remaining < 0 then remaining = 0 end
-      res[b + 1] = remaining
-      if inc > tol then res[b + 2] = -1 else res[b + 2] = allow_at - now end
-      res[b + 3] = tat - now
-    else
-      res[b] = 1
-      res[b + 1] = math.floor((now - allow_at) / interval)
-      res[b + 3] = new_tat - now
-      tats[i], news[i], ints[i], tols[i] = tat, new_tat, interval, tol
-    end
+local n = #KEYS
+local res = {1, 0}
+local tats, news, ints, tols, warns = {}, {}, {}, {}, {}
+local enf_ok, warn_ok = true, true
+for i = 1, n do
+  local interval = tonumber(ARGV[3 * i])
+  local tol = tonumber(ARGV[3 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
+  if tat < now then tat = now end
+  ints[i], tols[i], tats[i], warns[i] = interval, tol, tat, ARGV[3 * i + 2] == '1'
+  local inc = interval * cost
+  local new_tat = tat + inc
+  local allow_at = new_tat - tol
+  local b = 4 * i - 1
+  if now < allow_at then
+    if warns[i] then warn_ok = false else enf_ok = false end
+    local remaining = math.floor((now - tat + tol) / interval)
+    if remaining < 0 then remaining = 0 end
+    res[b], res[b + 1], res[b + 3] = 0, remaining, tat - now
+    if inc > tol then res[b + 2] = -1 else res[b + 2] = allow_at - now end
+  else
+    res[b], res[b + 1], res[b + 2], res[b + 3] = 1, math.floor((now - allow_at) / interval), 0, new_tat - now
+    news[i] = new_tat
   end
 end
-for i = 1, 2 do
+if not enf_ok then res[1] = 0 end
+if enf_ok and not warn_ok then res[2] = 1 end
+for i = 1, n do
   if news[i] then
-    if res[1] == 1 then
+    if enf_ok and (warn_ok or not warns[i]) then
       if cost > 0 then
         redis.call('SET', KEYS[i], string.format('%.0f', news[i]),
                    'PX', math.ceil((news[i] - now) / 1000))
       end
     else
-      local b = 4 * i - 2
+      local b = 4 * i - 1
       local remaining = math.floor((now - tats[i] + tols[i]) / ints[i])
       if remaining < 0 then remaining = 0 end
-      res[b + 1] = remaining
-      res[b + 3] = tats[i] - now
+      res[b + 1], res[b + 3] = remaining, tats[i] - now
     end
   end
 end
-for i = 1, 9 do res[i] = string.format('%.0f', res[i]) end
+for i = 1, #res do res[i] = string.format('%.0f', res[i]) end
 return table.concat(res, ' ')
 """
 
-# budget_step() of budgets.py. ARGV: now_us ('' = server TIME), window_s, units,
-# cost, mode (peek | charge | spend). Returns allowed, spent (%.17g), reset_us.
+# budget_windows() of budgets.py, in one hash per agent: the shortest window in fields
+# w (window tag) and s (spent), each other window in w<window_s> / s<window_s>. ARGV:
+# now_us ('' = server TIME), cost, mode (peek | charge | spend), then per window its
+# window_s, units and field suffix. Returns allowed, then per window spent (%.17g),
+# reset_us and its own allowed.
 BUDGET_LUA = _NOW_LUA + """
-local window_us = tonumber(ARGV[2]) * 1000000
-local units = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local mode = ARGV[5]
-local end_us = (math.floor(now / window_us) + 1) * window_us
-local tag = string.format('%.0f', end_us) .. '/' .. ARGV[2]
-local spent = 0
-local cur = redis.call('HMGET', KEYS[1], 'w', 's')
-if cur[1] == tag then spent = tonumber(cur[2]) end
-local allowed = mode == 'spend' or units - spent >= cost
-if (mode == 'spend' or (mode == 'charge' and allowed)) and cost ~= 0 then
-  spent = spent + cost
-  redis.call('HSET', KEYS[1], 'w', tag, 's', string.format('%.17g', spent))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((end_us - now) / 1000) + 60000)
+local cost = tonumber(ARGV[2])
+local mode = ARGV[3]
+local n = (#ARGV - 3) / 3
+local allowed = true
+local spents, ends, tags, oks = {}, {}, {}, {}
+for i = 1, n do
+  local ws = ARGV[1 + 3 * i]
+  local window_us = tonumber(ws) * 1000000
+  local units = tonumber(ARGV[2 + 3 * i])
+  local f = ARGV[3 + 3 * i]
+  local end_us = (math.floor(now / window_us) + 1) * window_us
+  local tag = string.format('%.0f', end_us) .. '/' .. ws
+  local spent = 0
+  local cur = redis.call('HMGET', KEYS[1], 'w' .. f, 's' .. f)
+  if cur[1] == tag then spent = tonumber(cur[2]) end
+  oks[i] = units - spent >= cost
+  allowed = allowed and oks[i]
+  spents[i], ends[i], tags[i] = spent, end_us, tag
 end
-return {allowed and 1 or 0, string.format('%.17g', spent), end_us - now}
+if mode == 'spend' then allowed = true end
+local res = {allowed and 1 or 0}
+local write = (mode == 'spend' or (mode == 'charge' and allowed)) and cost ~= 0
+local ttl = 0
+for i = 1, n do
+  if write then
+    spents[i] = spents[i] + cost
+    redis.call('HSET', KEYS[1], 'w' .. ARGV[3 + 3 * i], tags[i], 's' .. ARGV[3 + 3 * i],
+               string.format('%.17g', spents[i]))
+    if ends[i] - now > ttl then ttl = ends[i] - now end
+  end
+  res[#res + 1] = string.format('%.17g', spents[i])
+  res[#res + 1] = ends[i] - now
+  res[#res + 1] = oks[i] and 1 or 0
+end
+if write then redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) + 60000) end
+return res
 """
 
 TimeSource = Literal["server", "client"]
@@ -233,37 +255,36 @@ class RedisRateLimiter(_RedisPart):
         self._script = client.register_script(GCRA_LUA)
         self._local = local if local is not None else MemoryRateLimiter()
 
-    async def acquire(self, agent: str, tool: str | None, agent_rate: Rate | None,
-                      tool_rate: Rate | None, cost: int = 1, now: float | None = None, *,
-                      scope: str | None = None) -> RateDecision:
+    async def acquire(self, agent: str, tool: str | None, agent_rate, tool_rate, cost: int = 1,
+                      now: float | None = None, *, scope: str | None = None,
+                      warn: tuple[bool, bool] = (False, False)) -> RateDecision:
         if agent_rate is None and tool_rate is None:
             return UNLIMITED
         base = f"{self._prefix}rl:{{{agent}}}" if scope is None else f"{self._prefix}rl:{scope}:{{{agent}}}"
-        reply = await self._run("rate", self._script, [base, f"{base}:{tool}"], [
-            self._now_arg(now), cost,
-            agent_rate.interval_us if agent_rate is not None else 0,
-            agent_rate.tolerance_us if agent_rate is not None else 0,
-            tool_rate.interval_us if tool_rate is not None else 0,
-            tool_rate.tolerance_us if tool_rate is not None else 0,
-        ])
+        plan = plan_windows(agent_rate, tool_rate, warn)
+        keys = []
+        args: list = [self._now_arg(now), cost]
+        for which, i, rate, w, _ in plan:
+            key = base if which == "agent" else f"{base}:{tool}"
+            # The shortest window at the key itself (as a one-window limit), the others beside it.
+            keys.append(key if i == 0 else f"{key}~{rate.per_s}")
+            args += (rate.interval_us, rate.tolerance_us, "1" if w else "0")
+        reply = await self._run("rate", self._script, keys, args)
         if reply is None:
-            return self._without_store(agent, tool, agent_rate, tool_rate, cost, now, scope)
-        reply = [int(x) for x in reply.split()]
-        return RateDecision(
-            reply[0] == 1,
-            KeyResult(agent_rate, reply[1] == 1, reply[2], reply[3], reply[4]) if agent_rate is not None else None,
-            KeyResult(tool_rate, reply[5] == 1, reply[6], reply[7], reply[8]) if tool_rate is not None else None,
-        )
+            return self._without_store(agent, tool, agent_rate, tool_rate, cost, now, scope, warn)
+        v = [int(x) for x in reply.split()]
+        results = [(v[j] == 1, v[j + 1], v[j + 2], v[j + 3]) for j in range(2, 2 + 4 * len(plan), 4)]
+        return assemble(plan, v[0] == 1, v[1] == 1, results)
 
-    def _without_store(self, agent: str, tool: str | None, agent_rate: Rate | None,
-                       tool_rate: Rate | None, cost: int, now: float | None,
-                       scope: str | None = None) -> RateDecision:
+    def _without_store(self, agent: str, tool: str | None, agent_rate, tool_rate, cost: int,
+                       now: float | None, scope: str | None = None,
+                       warn: tuple[bool, bool] = (False, False)) -> RateDecision:
         mode = self.health.answered_without_store("rate")
         if mode == "local":
             # NOTE: lossy by design: each process limits on its own from an empty
             # state while Redis is away, so N replicas admit up to N times the limit.
-            d = self._local.decide(agent, tool, agent_rate, tool_rate, cost, now, scope=scope)
-            return RateDecision(d.allowed, d.agent, d.tool, "local")
+            d = self._local.decide(agent, tool, agent_rate, tool_rate, cost, now, scope=scope, warn=warn)
+            return RateDecision(d.allowed, d.agent, d.tool, "local", d.would_refuse, d.windows)
         if mode == "allow":
             # NOTE: fail open, as configured: counted in fail_open.
             return RateDecision(True, None, None, "allow")
@@ -287,13 +308,14 @@ class RedisBudgets(_RedisPart):
         if budget is None:
             return NO_BUDGET
         key = f"{self._prefix}budget:{{{agent}}}" if scope is None else f"{self._prefix}budget:{scope}:{{{agent}}}"
-        reply = await self._run("budget", self._script, [key], [
-            self._now_arg(now), budget.window_s, repr(budget.units), repr(float(cost)), mode,
-        ])
+        args: list = [self._now_arg(now), repr(float(cost)), mode]
+        for b, sfx in zip(budget.windows, budget.suffixes):
+            args += (b.window_s, repr(b.units), str(b.window_s) if sfx else "")
+        reply = await self._run("budget", self._script, [key], args)
         if reply is None:
             return self._without_store(agent, budget, cost, mode, now, scope)
-        remaining = budget.units - float(reply[1])
-        return BudgetVerdict(reply[0] == 1, remaining if remaining > 0 else 0.0, reply[2] / _US, budget)
+        per_window = [(float(reply[j]), int(reply[j + 1]), reply[j + 2] == 1) for j in range(1, len(reply), 3)]
+        return verdict_of(budget, reply[0] == 1, per_window, 0)
 
     def _without_store(self, agent: str, budget: Budget, cost: float, mode: str,
                        now: float | None, scope: str | None = None) -> BudgetVerdict:
@@ -302,7 +324,7 @@ class RedisBudgets(_RedisPart):
             # NOTE: lossy by design: the in-process budget does not know what was
             # spent through Redis this window, so the agent starts it afresh here.
             v = self._local.step(agent, budget, cost, mode, now, scope=scope)
-            return BudgetVerdict(v.allowed, v.remaining, v.reset_s, budget, "local")
+            return BudgetVerdict(v.allowed, v.remaining, v.reset_s, v.budget, "local", v.suffix)
         if how == "allow":
             # NOTE: fail open, as configured: counted in fail_open.
             return BudgetVerdict(True, None, None, budget, "allow")

@@ -75,7 +75,7 @@ class Observability:
             if ring is not None:
                 explain = None
                 ex = self.explainer
-                if ex is not None and (rejection is not None or call.shadow_denied or ex.every) and ex.wants(call):
+                if ex is not None and (rejection is not None or call.shadow_denied or "would_refuse" in call.extra or ex.every) and ex.wants(call):
                     explain = ex.explain(call)
                 # References (decision, rejection) and the few extras a trace shows; JSON is made
                 # when asked. An entry outlives its call by `traces` calls, so it keeps neither the

@@ -84,13 +84,32 @@ def add_routes(app: web.Application, regate: "Regate") -> None:
         return _json({"decisions": out, "stored": len(ring), "size": ring.size})
 
     async def overview(request: web.Request) -> web.Response:
-        return _json(snapshot(regate))
+        doc = snapshot(regate)
+        doc["approvals_pending"] = await _approvals_pending(regate)
+        return _json(doc)
 
     app.router.add_get("/ui/overview", page)
     app.router.add_get("/admin/ui/overview", page)
     app.router.add_get("/admin/overview", overview)
     app.router.add_get("/admin/decisions", list_decisions)
     app.router.add_get("/admin/decisions/{id}", get_decision)
+
+
+async def _approvals_pending(regate: "Regate") -> int | None:
+    """Approvals waiting for a human, async ones included (not only the calls held open);
+    None when approvals are off or the store cannot say."""
+    stage = regate.approvals
+    if stage is None:
+        return None
+    try:
+        return len(await stage.store.list("pending", time.time(), stage.max_pending))
+    except Exception:  # noqa: BLE001 - the overview shows "?" rather than failing
+        return None
+
+
+# Outcomes that are not refusals: waiting for a human, or throttled (their own tile).
+WAITING = frozenset({"approval_pending"})
+THROTTLED = frozenset({"rate_limited", "budget_exhausted", "too_many_concurrent"})
 
 
 def _samples(regate: "Regate") -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -135,13 +154,18 @@ def snapshot(regate: "Regate") -> dict[str, Any]:
     gpu_queue = s.get("regate_gpu_queue_depth")
     audit_pending = s.get("regate_audit_pending_records")
     held = s.get("regate_approvals_held")
+    outcomes = by("regate_calls_total", "outcome")
+    waiting = sum(v for k, v in outcomes.items() if k in WAITING)
+    throttled = sum(v for k, v in outcomes.items() if k in THROTTLED)
+    calls_total = total("regate_calls_total")
     return {
         "now": time.time(),
         "started": obs.started,
         "worker": regate.worker_index,
         "metrics": regate.metrics is not None,
         "policy": {"engine": regate.engine.name, "revision": regate.engine.revision},
-        "calls": {"total": total("regate_calls_total"), "by_outcome": by("regate_calls_total", "outcome")},
+        "calls": {"total": calls_total, "by_outcome": outcomes, "waiting": waiting, "throttled": throttled,
+                  "refused": calls_total - outcomes.get("forwarded", 0) - waiting - throttled},
         "rejections": {f"{labels.get('stage')}/{labels.get('code')}": v
                        for labels, v in s.get("regate_rejections_total", ())},
         "limits": by("regate_limit_rejections_total", "kind"),

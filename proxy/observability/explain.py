@@ -64,6 +64,12 @@ def link_reasons(reasons: list[str], rules: list[dict[str, Any]]) -> list[dict[s
     return out
 
 
+def _warned(call: Any) -> dict[str, Any]:
+    """What limits and breakers in warn mode would have refused (they let the call run)."""
+    warned = call.extra.get("would_refuse") if call.extra else None
+    return {"would_refuse": [dict(w) for w in warned]} if warned else {}
+
+
 def _public(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rules[:MAX_RULES]]
 
@@ -137,7 +143,7 @@ class RegorusExplainer(_Explainer):
         except Exception as exc:  # noqa: BLE001 - explaining must never fail a call
             return {"engine": "embedded", "error": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
         rules = fired_rules(self._rules, report)
-        reasons = call.rejection.reasons if call.rejection is not None else (
+        reasons = (call.extra.get("operator_reasons") or call.rejection.reasons) if call.rejection is not None else (
             call.decision.reasons if call.decision is not None else [])
         return {
             "engine": "embedded",
@@ -147,6 +153,7 @@ class RegorusExplainer(_Explainer):
             "input": orjson.loads(text) if len(text) <= MAX_INPUT_BYTES else None,
             "input_bytes": len(text),
             "note": "evaluated again after the call, on the same revision, with the input the policy read",
+            **_warned(call),
         }
 
 
@@ -264,13 +271,13 @@ class OpaExplainer(_Explainer):
         self.max_in_flight = 8
 
     def explain(self, call: Any) -> dict[str, Any]:
-        result: dict[str, Any] = {"engine": "opa", "method": self.method, "state": "pending"}
+        result: dict[str, Any] = {"engine": "opa", "method": self.method, "state": "pending", **_warned(call)}
         if len(self._tasks) >= self.max_in_flight:
             # NOTE: deliberately lossy: a flood of denials must not become a flood of
             # explain queries at OPA; the trace says this one was skipped.
             result.update(state="skipped", error="too many explanations in flight")
             return result
-        reasons = call.rejection.reasons if call.rejection is not None else (
+        reasons = (call.extra.get("operator_reasons") or call.rejection.reasons) if call.rejection is not None else (
             call.decision.reasons if call.decision is not None else [])
         doc = self.input_document(call)
         task = asyncio.ensure_future(self._ask(doc, list(reasons), result))

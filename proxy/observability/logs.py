@@ -69,7 +69,8 @@ class DecisionLog:
             if not self.rejections:
                 return
             level, what = logging.INFO, ("call failed" if status >= 500 else "call refused")
-        reasons = rejection.reasons if rejection is not None else (
+        # The operator's log: a policy_error's detail (rule location) that the agent is not shown.
+        reasons = (call.extra.get("operator_reasons") or rejection.reasons) if rejection is not None else (
             call.decision.reasons if call.decision is not None else [])
         fields = {
             "decision_id": call.id,
@@ -88,5 +89,6 @@ class DecisionLog:
             "trace_id": trace_id,
         }
         DECISIONS.log(level, "%s: %s %s by %s (%s) agent=%s tool=%s%s", what, call.id, outcome, call.ended_by,
-                      status, call.agent, call.tool_key, f" reasons={list(reasons)}" if reasons else "",
+                      status, call.agent or "(unauthenticated)", call.tool_key or "(no tool)",
+                      f" reasons={list(reasons)}" if reasons else "",
                       extra={"regate": fields})

@@ -167,6 +167,10 @@ def notes_of(extra: dict[str, Any]) -> dict[str, Any] | None:
             notes["approver"] = rec["approver"]
     if "retries" in extra:
         notes["upstream_retries"] = extra["retries"]
+    if "would_refuse" in extra:
+        notes["would_refuse"] = extra["would_refuse"]  # warn-mode limits and breakers
+    if "operator_reasons" in extra:
+        notes["operator_reasons"] = extra["operator_reasons"]  # a policy_error's detail, for the operator
     mcp = extra.get("mcp")
     if isinstance(mcp, dict):
         notes["mcp"] = {k: mcp[k] for k in ("method", "tool") if k in mcp}
@@ -195,7 +199,8 @@ def trace_json(entry: tuple) -> dict[str, Any]:
         "time": _iso(doc["ts"]),
         "decision": _decision_label(entry),
         "revision": entry[REVISION],
-        "reasons": list(rej.reasons) if rej is not None else (list(d.reasons) if d is not None else []),
+        "reasons": (list((entry[NOTES] or {}).get("operator_reasons") or rej.reasons) if rej is not None
+                    else (list(d.reasons) if d is not None else [])),
         "message": rej.message if rej is not None else None,
         "stages": stages(entry),
         "policy": d.to_dict() if d is not None else None,

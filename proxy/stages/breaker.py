@@ -6,6 +6,9 @@ back-off (this agent keeps failing against this tool → 429 `agent_backoff`) an
 the loop guard (the same or a near-same call already failed → 429 `retry_loop`,
 quoting the upstream's last error). The call's outcome feeds all three in
 `leave`, which also gives back a half-open probe slot when no answer came.
+A guard in warn mode (`breakers.mode`, a section's or a tool's `mode`, or
+`breakers.agents.<id>.mode`) does not refuse: its refusal is counted in
+`regate_would_refuse_total` and audited as `would_refuse`, and the call runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from ..breakers import Admission, Breakers
 from ..breakers.outcome import CLIENT_ERROR, CONNECT_ERROR, SERVER_ERROR, TIMEOUT, error_summary
 from ..pipeline import Call, Rejection
+from .ratelimit import note_would_refuse
 
 # The forwarder's own rejection codes, as outcomes the breakers understand.
 _FORWARD_OUTCOMES = {"upstream_timeout": TIMEOUT, "upstream_unreachable": CONNECT_ERROR,
@@ -39,6 +43,9 @@ class BreakerStage:
         if not isinstance(verdict, Admission):
             return Rejection(verdict.status, verdict.code, verdict.message, retry_after=verdict.retry_after_s)
         call.extra["breaker"] = verdict
+        for r in verdict.would_refuse:
+            # Warn mode: counted, audited and traced with the code it would have got; the call runs.
+            note_would_refuse(call, self.metrics, self.name, r.code, f"warn mode, not enforced: {r.message}")
         state = call.extra.setdefault("state", {})
         state["breaker"] = verdict.breaker_state
         state["recent_failures"] = verdict.recent_failures

@@ -109,8 +109,14 @@ class PolicyStage:
             self.metrics.fail_open.labels(tool.name, self.name).inc()
             call.extra["fail_open"] = f"policy {kind}: {detail}"
             return None
-        return Rejection(403, "policy_error", f"the policy could not decide on this call ({kind}), so it is refused",
-                         reasons=[detail])
+        # The detail (a rule's file:line, an engine's message) is for the operator: it goes to
+        # the log, the audit record and `regate explain`; the agent gets a stable message
+        # and the decision id to quote.
+        log.warning("policy %s for tool %s (decision %s): %s", kind, tool.name, call.id, detail)
+        call.extra["operator_reasons"] = [f"policy {kind}: {detail}"]
+        return Rejection(403, "policy_error",
+                         f"the policy could not decide on this call ({kind}), so it is refused; "
+                         f"an operator can see why with: regate explain {call.id}")
 
     async def enter(self, call: Call) -> Rejection | None:
         started = time.perf_counter_ns() if self.decision_log is not None else 0

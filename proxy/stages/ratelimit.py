@@ -2,9 +2,9 @@
 
 Runs before the policy stage, so a flood of calls is throttled before any of
 them is evaluated. Two GCRA keys per call (the agent, and the agent×tool pair)
-and a cost budget per agent, with limits from the bundle's `limits` data file
-(`policies/limits.yaml`). The call's known cost (the route's `cost`) is charged
-up front; when the call ends the charge is corrected to the decision's `cost`,
+and a cost budget per agent, with limits from the bundle's `data.limits`
+(`policies/limits/data.yaml`). The call's known cost (the route's `cost`) is
+charged up front; when the call ends the charge is corrected to the decision's `cost`,
 the upstream's `X-Regate-Cost` header, or refunded if the call never ran.
 
 The decision's `limits` come after the policy, when the data's limits have been
@@ -28,7 +28,9 @@ from ..pipeline import Call, Rejection
 
 log = logging.getLogger("regate.limits")
 
-LIMITS_FILES = ("limits.yaml", "limits.yml", "limits.json")
+LIMITS_FILES = ("limits/data.yaml", "limits/data.yml", "limits/data.json")
+# The layout before data was mounted as OPA mounts it (refused with where to move it).
+OLD_LIMITS_FILES = ("limits.yaml", "limits.yml", "limits.json")
 
 # The keys of the decision's own limits (agent, agent×tool, budget), apart from the data's.
 DECISION_SCOPE = "decision"
@@ -37,7 +39,16 @@ DECISION_NAMES = ("decision-agent", "decision-tool", "decision-budget")
 
 
 def load_limits_table(data_dir: Path) -> LimitsTable:
-    """Compile `<data>/limits.yaml`; no file means no limits. Raises LimitsError naming the field."""
+    """Compile `<data>/limits/data.yaml`; no file means no limits. Raises LimitsError naming the field.
+
+    The embedded engine's limits come from its bundle (`data.limits`); this reads
+    them from the data directory for an engine that has no local bundle (`opa`).
+    """
+    for name in OLD_LIMITS_FILES:
+        if (data_dir / name).is_file():
+            moved = f"limits/data{Path(name).suffix}"
+            raise LimitsError(f"{data_dir / name}: data is mounted as OPA mounts it, by directory: move it to "
+                              f"{data_dir / moved} (see the README's upgrade notes)")
     for name in LIMITS_FILES:
         path = data_dir / name
         if path.is_file():
@@ -50,6 +61,10 @@ def load_limits_table(data_dir: Path) -> LimitsTable:
 
 
 class RateLimit:
+    """The data's limits for every call (``enter``) and a decision's own (``enforce_decision``).
+    A limit in warn mode (the limits file's ``mode``) never refuses: what it would have
+    refused is noted on the call (``note_would_refuse``) and the call goes on."""
+
     name = "ratelimit"
 
     def __init__(self, table: LimitsTable, stores: LimitStores, metrics: Any) -> None:
@@ -63,7 +78,11 @@ class RateLimit:
         tool = call.tool
         key = call.tool_key
         limits = resolve_limits(self.table, agent, key)
-        decision = await self.stores.rate.acquire(agent, key, limits.agent, limits.tool)
+        if limits.agent_warn or limits.tool_warn:
+            decision = await self.stores.rate.acquire(agent, key, limits.agent, limits.tool,
+                                                      warn=(limits.agent_warn, limits.tool_warn))
+        else:
+            decision = await self.stores.rate.acquire(agent, key, limits.agent, limits.tool)
         if decision.store_error is not None:
             rej = self._store_error("rate", decision.store_error)
             if rej is not None:
@@ -77,6 +96,10 @@ class RateLimit:
                 rej.headers["Retry-After"] = retry
             self.metrics.rate_limited.labels("rate", agent).inc()
             return rej
+        if decision.would_refuse:
+            # Warn mode: the refusal is counted, audited and traced; the call runs.
+            note_would_refuse(call, self.metrics, self.name, "rate_limited",
+                              _rate_message(decision, key, warn=True))
 
         budget = limits.budget
         if budget is not None:
@@ -86,19 +109,25 @@ class RateLimit:
                 rej = self._store_error("budget", verdict.store_error)
                 if rej is not None:
                     return rej
-            item = verdict.limit_item("budget")
             if not verdict.allowed:
-                rej = Rejection(
-                    429, "budget_exhausted",
-                    f"agent {agent!r} has {verdict.remaining:g} of {budget.units:g} budget units left in this "
-                    f"window and this call costs {cost:g}; the budget is restored in "
-                    f"{verdict.retry_after_header()} s", retry_after=verdict.reset_s)
-                rej.headers = _with_budget(headers, budget.policy_item("budget"), item)
-                self.metrics.rate_limited.labels("budget", agent).inc()
-                return rej
-            call.extra["charged"] = (budget, cost)
-            headers = _with_budget(headers, budget.policy_item("budget"), item)
-            call.extra.setdefault("state", {})["budget_left"] = verdict.remaining
+                message = (
+                    f"agent {agent!r} has {verdict.remaining:g} of {verdict.budget.units:g} budget units left in "
+                    f"{_window_name(verdict)} and this call costs {cost:g}; the budget is restored in "
+                    f"{verdict.retry_after_header()} s")
+                if limits.budget_warn:
+                    # NOTE: warn mode: nothing was charged (as if refused), so the account
+                    # shows what enforcing it would have left; the call runs uncharged.
+                    note_would_refuse(call, self.metrics, self.name, "budget_exhausted", message)
+                else:
+                    rej = Rejection(429, "budget_exhausted", message, retry_after=verdict.reset_s)
+                    rej.headers = _with_budget(headers, budget.policy_item("budget"), verdict.limit_item("budget"))
+                    self.metrics.rate_limited.labels("budget", agent).inc()
+                    return rej
+            else:
+                call.extra["charged"] = (budget, cost)
+                if not limits.budget_warn:
+                    headers = _with_budget(headers, budget.policy_item("budget"), verdict.limit_item("budget"))
+                    call.extra.setdefault("state", {})["budget_left"] = verdict.remaining
         for name, value in (headers.items() if isinstance(headers, dict) else headers):
             call.response_headers[name] = value
         return None
@@ -157,7 +186,8 @@ class RateLimit:
                 self.metrics.rate_limited.labels("budget", agent).inc()
                 return Rejection(
                     429, "budget_exhausted",
-                    f"the policy gives this call a budget of {budget.units:g} units per {budget.window_s} s; "
+                    f"the policy gives this call a budget of {verdict.budget.units:g} units per "
+                    f"{verdict.budget.window_s} s; "
                     f"{verdict.remaining:g} are left in this window and this call costs {cost:g}; "
                     f"the budget is restored in {verdict.retry_after_header()} s", retry_after=verdict.reset_s)
             call.extra["charged_decision"] = (budget, cost)
@@ -195,16 +225,32 @@ class RateLimit:
             task.add_done_callback(self._pending.discard)
 
 
-def _rate_message(decision: Any, tool: str, *, by_policy: bool = False) -> str:
+def note_would_refuse(call: Call, metrics: Any, stage: str, code: str, message: str) -> None:
+    """A warn-mode limit or breaker would have refused this call: count it
+    (``regate_would_refuse_total{stage,code,tool}``) and keep it on the call for the audit
+    record (decision ``would_refuse``, with this code) and the trace. The call runs."""
+    call.extra.setdefault("would_refuse", []).append({"stage": stage, "code": code, "message": message})
+    counter = getattr(metrics, "would_refuse", None)
+    if counter is not None:
+        counter.labels(stage, code, call.tool.name if call.tool is not None else "").inc()
+
+
+def _window_name(verdict: Any) -> str:
+    b = verdict.budget
+    return "this window" if not verdict.suffix else f"its {b.window_s} s window"
+
+
+def _rate_message(decision: Any, tool: str, *, by_policy: bool = False, warn: bool = False) -> str:
     which = []
     whose = "the policy's limit on " if by_policy else ""
-    if decision.agent is not None and not decision.agent.allowed:
-        which.append(f"{whose}this agent's overall rate")
-    if decision.tool is not None and not decision.tool.allowed:
-        which.append(f"{whose}this agent's rate for tool {tool!r}")
-    retry = decision.retry_after_header()
+    if decision.agent is not None and not decision.agent.allowed and decision.agent.warn is warn:
+        which.append(f"{whose}this agent's overall rate ({decision.agent.rate.describe()})")
+    if decision.tool is not None and not decision.tool.allowed and decision.tool.warn is warn:
+        which.append(f"{whose}this agent's rate for tool {tool!r} ({decision.tool.rate.describe()})")
+    retry = decision.retry_after_header(warn)
     when = f"retry in {retry} s" if retry else "this call costs more than the burst allows and can never pass"
-    return f"rate limit exceeded ({' and '.join(which) or 'rate'}); {when}"
+    prefix = "warn mode, not enforced: " if warn else ""
+    return f"{prefix}rate limit exceeded ({' and '.join(which) or 'rate'}); {when}"
 
 
 def _append_items(headers: dict[str, str], items: Any) -> None:

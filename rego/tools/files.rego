@@ -16,7 +16,7 @@ path := data.regate.args.path if {
 } else := input.request.path
 
 # Where this agent's files live: the grant's own root, else the tool's
-# (policies/tools.yaml), else /workspace/.
+# (policies/tools/data.yaml), else /workspace/.
 root := object.get(data.regate.grant, "root", object.get(data.regate.tool, "root", "/workspace/"))
 
 deny contains "The files tool needs a path: /tools/files/<path>, or a 'path' argument over MCP." if {

@@ -2,13 +2,13 @@
 # and how much in total per window.
 #
 # - Currency: a payment names its `currency` (a missing one means the tool's
-#   `currency`, policies/tools.yaml); it must be one the grant's `currencies`
+#   `currency`, policies/tools/data.yaml); it must be one the grant's `currencies`
 #   lists (else the tool's `currencies`, else the tool's currency alone),
 #   spelled exactly: 'usd' is not 'USD', and 99 BTC is refused outright.
 # - Per call: above the grant's `approval_above` (else the tool's) a human
 #   approves; above the grant's `max_amount` it is refused.
 # - In total: the grant's `spend` ({units, window}, as a budget is spelled in
-#   policies/limits.yaml) caps what the agent pays without a human per window.
+#   policies/limits/data.yaml) caps what the agent pays without a human per window.
 #   The decision asks Regate for that budget (decision.limits.budget) and sets
 #   the call's cost to its amount, so Regate keeps the running total, and the
 #   payment that would take it past `units` is refused with 429. Payments a
@@ -20,7 +20,7 @@
 # between regorus (binary floats) and OPA (exact decimals), comparisons do not.
 #
 # Because a payment's cost is its amount, the agent's budget in
-# policies/limits.yaml counts what it pays (approved payments too) beside the
+# policies/limits/data.yaml counts what it pays (approved payments too) beside the
 # cost of its other calls.
 #
 # Rules of package regate are named by full path (data.regate.args): an

@@ -12,7 +12,7 @@
 #    expand, split or reinterpret. With no quoting possible, splitting on " "
 #    gives exactly the argv a POSIX shell (and Python's shlex.split) gives.
 # 2. Listed commands. The first one, two or three words must name a command
-#    of data.tools.shell.commands (policies/tools.yaml): `ls`, `git status`,
+#    of data.tools.shell.commands (policies/tools/data.yaml): `ls`, `git status`,
 #    `python -m pytest`. Programs are named bare (`ls`, never `/bin/ls`), so a
 #    path cannot pick another program than the one listed.
 # 3. Listed arguments. Every further word must match the command's `args`, a

@@ -2,7 +2,7 @@
 # route, several MCP tools; the tool is input.mcp.tool, its arguments
 # data.regate.args (params.arguments of the tools/call).
 #
-# Limits: policies/tools.yaml, tickets.max_comment_chars.
+# Limits: policies/tools/data.yaml, tickets.max_comment_chars.
 package regate.tools.tickets
 
 max_chars := object.get(data.regate.tool, "max_comment_chars", 2000)

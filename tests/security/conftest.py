@@ -68,13 +68,11 @@ class Witness:
 
 
 def policy_data(tmp: Path, limits: dict | None = None) -> Path:
-    """The shipped policy data with a limits.yaml of the test's choosing."""
+    """The shipped policy data with limits (limits/data.yaml) of the test's choosing."""
     d = tmp / "policy-data"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in (ROOT / "policies").iterdir():
-        if f.is_file() and not f.name.startswith("limits."):
-            shutil.copy(f, d / f.name)
-    (d / "limits.yaml").write_text(yaml.safe_dump(limits or GENEROUS_LIMITS))
+    shutil.copytree(ROOT / "policies", d, ignore=shutil.ignore_patterns("limits"), dirs_exist_ok=True)
+    (d / "limits").mkdir(exist_ok=True)
+    (d / "limits" / "data.yaml").write_text(yaml.safe_dump(limits or GENEROUS_LIMITS))
     return d
 
 
@@ -118,7 +116,7 @@ def hostile(witness, keys_file, tmp_path_factory):
         "audit": {"dir": str(tmp / "audit"), "fsync": "never"},
     }
     # The dl tool is not in the shipped policy data: make it public for GET.
-    tools_yaml = Path(cfg["policy"]["data"]) / "tools.yaml"
+    tools_yaml = Path(cfg["policy"]["data"]) / "tools" / "data.yaml"
     doc = yaml.safe_load(tools_yaml.read_text())
     doc["dl"] = {"public": True, "methods": ["GET"]}
     tools_yaml.write_text(yaml.safe_dump(doc))

@@ -166,7 +166,7 @@ def deadlines(witness, silent, deaf, tmp_path_factory):
     keys.write_text(yaml.safe_dump({"keys": [
         {"sha256": hashlib.sha256(KEY[a].encode()).hexdigest(), "agent": a} for a in AGENTS]}))
     data = policy_data(tmp)
-    tools_yaml = data / "tools.yaml"
+    tools_yaml = data / "tools" / "data.yaml"
     doc = yaml.safe_load(tools_yaml.read_text())
     for name in ("hosted", "silent", "silentlong", "deaf"):
         doc[name] = {"public": True, "methods": ["GET", "POST"]}

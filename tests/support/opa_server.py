@@ -9,9 +9,9 @@ skipped test.
         engine = OpaEngine(opa.url, ...)
         opa.data_requests()                      # from OPA's own request log
 
-``shipped_paths()`` is the one place that knows how the shipped ``policies/``
-directory has to be handed to OPA so that it mounts under ``data`` as Regate
-mounts it.
+``shipped_paths()`` is the one place that knows how the shipped bundle
+(``rego/`` and ``policies/``) is handed to OPA: as the two directories, since
+Regate mounts data exactly as OPA does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -49,22 +50,15 @@ def opa_binary() -> str:
 
 
 def shipped_paths(rego_dir: str | Path = ROOT / "rego", data_dir: str | Path = ROOT / "policies") -> list[str]:
-    """The path arguments that make ``opa run``/``opa build``/``opa eval`` see Regate's ``data``.
+    """The path arguments that make ``opa run``/``opa build``/``opa eval``/``opa test``
+    see Regate's bundle: the two directories, as they are.
 
-    Regate mounts a data file by its path without the extension
-    (``policies/agents.yaml`` -> ``data.agents``); OPA mounts a plain data file
-    at the directory it sits in. Until the shipped data moves to OPA's layout
-    (``policies/agents/data.yaml``), each file is passed with OPA's
-    ``<dotted.prefix>:<file>`` syntax. Paths inside the checkout are relative
-    to it (OPA runs there), so OPA names files as Regate does: ``rego/x.rego``.
+    Data is laid out as OPA lays it out (``policies/agents/data.yaml`` ->
+    ``data.agents``), so nothing needs mapping. Paths inside the checkout are
+    relative to it (OPA runs there), so OPA names files as Regate does:
+    ``rego/x.rego``.
     """
-    rego_dir, data_dir = Path(rego_dir), Path(data_dir)
-    paths = [_shown(rego_dir)]
-    for f in sorted(data_dir.rglob("*")):
-        if f.suffix in (".yaml", ".yml", ".json") and not any(p.startswith(".") for p in f.relative_to(data_dir).parts):
-            prefix = ".".join(f.relative_to(data_dir).with_suffix("").parts)
-            paths.append(f"{prefix}:{_shown(f)}")
-    return paths
+    return [_shown(Path(rego_dir)), _shown(Path(data_dir))]
 
 
 def _shown(path: Path) -> str:
@@ -74,15 +68,47 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def build_bundle(paths: list[str], out: str | Path, revision: str) -> Path:
+def build_bundle(paths: list[str], out: str | Path, revision: str | None, *,
+                 signing_key: str | Path | None = None, signing_alg: str = "RS256",
+                 args: tuple[str, ...] = (), sign_args: tuple[str, ...] = ()) -> Path:
     """``opa build`` of `paths` (relative ones: to the checkout) into the tarball `out`,
-    its manifest saying `revision`."""
+    its manifest saying `revision` (none: no --revision).
+
+    With `signing_key` (a PEM private key, or the HMAC secret) the bundle is
+    signed by ``opa build --bundle --signing-key``: OPA signs only bundles it
+    reads as bundles, so the plain build is unpacked into a directory first and
+    built again from there (module paths stay as they were: ``rego/x.rego``);
+    `sign_args` go to that second build (``--claims-file``).
+    """
     out = Path(out).resolve()
-    done = subprocess.run([opa_binary(), "build", "-o", str(out), "--revision", revision, *paths],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    rev = ["--revision", revision] if revision is not None else []
+    if signing_key is None:
+        _opa_build([*rev, *args, *paths], out, cwd=ROOT)
+        return out
+    with tempfile.TemporaryDirectory(prefix="regate-opa-build-") as tmp:
+        plain = Path(tmp) / "plain.tar.gz"
+        _opa_build([*args, *paths], plain, cwd=ROOT)
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        with tarfile.open(plain) as tar:
+            tar.extractall(stage, filter="data")
+        key = signing_key if not Path(str(signing_key)).is_file() else str(Path(signing_key).resolve())
+        _opa_build(["--bundle", *rev, "--signing-key", str(key), "--signing-alg", signing_alg, *sign_args, "."],
+                   out, cwd=stage)
+    return out
+
+
+def _opa_build(argv: list[str], out: Path, cwd: Path) -> None:
+    done = subprocess.run([opa_binary(), "build", "-o", str(out), *argv],
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"opa build failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return out
+
+
+def opa_test(paths: list[str], *, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``opa test -v`` of `paths` (relative ones: to the checkout)."""
+    return subprocess.run([opa_binary(), "test", "-v", *paths], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
 
 
 def free_port() -> int:
