@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,bench]'
 	@# The real OPA engine (Go, c-shared) is the test oracle; it declares
-	@# Python >= 3.14 but runs on 3.11 (see DESIGN.md).
+	@# Python >= 3.14 but runs on 3.11 (see README.md, "Using OPA").
 	$(BIN)/pip install -q --no-deps --ignore-requires-python opa-golib-python-bindings==0.4.4
 	@touch $(STAMP)
 

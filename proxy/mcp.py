@@ -131,7 +131,7 @@ class Message:
         return self.kind is REQUEST or self.kind is INVALID
 
     def policy_view(self) -> dict[str, Any]:
-        """The policy input's `mcp` field (DESIGN.md); `purpose` is "tools/list" only
+        """The policy input's `mcp` field (README.md, "The input document"); `purpose` is "tools/list" only
         when Regate asks whether a listed tool may be shown."""
         return {"method": self.method, "id": self.id, "tool": self.tool, "arguments": self.arguments,
                 "purpose": None}

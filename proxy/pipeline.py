@@ -247,7 +247,7 @@ def rejection_response(call: Call, rejection: Rejection) -> web.Response:
 class Pipeline:
     """The ordered stages, the forwarder at the end, and the accounting after.
 
-    STAGE_ORDER is the flow of DESIGN.md. A stage that is switched off by
+    STAGE_ORDER is the flow of docs/architecture.md. A stage that is switched off by
     config is simply absent from the chain.
     """
 

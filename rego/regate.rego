@@ -7,11 +7,12 @@
 # what was refused and what is allowed instead.
 #
 # Regate asks for data.regate.decision (config: policy.decision) once per call,
-# with the input document of DESIGN.md ("The policy contract"):
+# with the input document of README.md ("The input document"):
 #
 #   input.agent.id / .claims      who is calling (set by Regate's identify stage)
 #   input.tool.name / .route      which tool (from the route table in regate.yaml)
-#   input.request.method / .path / .query / .headers / .body / .size
+#   input.request.method / .path / .query / .query_pairs / .headers / .body
+#                 / .arguments / .size   (arguments: what the tool acts on)
 #   input.mcp                     for MCP routes: {method, id, tool, arguments, purpose}
 #                                 (null on plain HTTP routes; method is null for a GET,
 #                                 a DELETE or a client's response; tool/arguments belong

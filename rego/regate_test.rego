@@ -8,7 +8,7 @@ package regate_test
 
 import data.regate
 
-# An input document as Regate's policy stage builds it (DESIGN.md).
+# An input document as Regate's policy stage builds it (README.md, "The input document").
 call(agent, tool, method, path, body) := {
 	"version": 1,
 	"agent": {"id": agent, "claims": {}},

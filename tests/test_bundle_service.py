@@ -276,7 +276,9 @@ async def _bundle_error(proc: RegateProcess):
 
 async def test_a_regate_that_never_had_a_bundle_refuses_calls_and_is_not_ready(
         revisions, server, upstream, keys_file, tmp_path):
-    # The server is not listening yet, and nothing is kept on disk.
+    # The server is not listening yet, and what is kept on disk is no bundle (a torn copy).
+    (tmp_path / "persist").mkdir()
+    (tmp_path / "persist" / "bundle.tar.gz").write_bytes(b"\x1f\x8b torn")
     cfg = regate_config(upstream, keys_file, server, tmp_path / "persist")
     proc = RegateProcess(cfg, tmp_path)
     try:

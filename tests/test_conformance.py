@@ -48,7 +48,7 @@ CASES = _cases()
 
 
 def full_input(call: dict) -> dict:
-    """The input document of DESIGN.md for a short `call:` of the corpus."""
+    """The input document (README.md, "The input document") for a short `call:` of the corpus."""
     agent = {"claims": {}} if call.get("agent") is None else {"id": call["agent"], "claims": {"sub": call["agent"]}}
     return {
         "version": 1,

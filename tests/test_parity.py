@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any, Callable
@@ -133,6 +132,72 @@ def test_policy_test_matches_opa_test_on_the_test_bundles(name, tmp_path):
     # FAIL in opa test, whose runner makes it undefined (README, the differences: 11).
     assert {t: o == "PASS" for t, o in ours.items()} == {t: o == "PASS" for t, o in theirs.items()}
     assert set(ours.values()) != {"PASS"}  # each of these bundles has a test that does not pass
+
+
+# --- the README's recipe ---------------------------------------------------------------
+
+
+def readme_recipe() -> list[str]:
+    """The shell lines of README's "Using an OPA server instead" that build and serve the bundle."""
+    section = README.split("### Using an OPA server instead", 1)[1].split("\n### ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "README: no ```sh block in 'Using an OPA server instead'"
+    return [line for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_readmes_opa_recipe_decides_the_shipped_cases_as_regate_does(tmp_path):
+    """The exact commands (only the revision, the output file and the port substituted),
+    then every case of tests/conformance/shipped.yaml through both."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from proxy.engines.decision import DecisionError, parse_decision
+    from tests.support.opa_server import free_port, opa_binary
+    from tests.test_conformance import full_input
+
+    build, serve = readme_recipe()
+    assert build.startswith("opa build ") and serve.startswith("opa run --server ")
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(opa_binary()).parent}:{os.environ['PATH']}"}
+
+    def sub(line: str) -> str:
+        return (line.replace('"$(git rev-parse HEAD)"', "readme-rev")
+                .replace("bundle.tar.gz", str(tmp_path / "bundle.tar.gz")).replace("127.0.0.1:8181", f"127.0.0.1:{port}"))
+
+    done = subprocess.run(["bash", "-c", sub(build)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    opa = subprocess.Popen(["bash", "-c", "exec " + sub(serve) + " --log-level error"], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        cases = [c for c in yaml.safe_load((ROOT / "tests/conformance/shipped.yaml").read_text())
+                 if c.get("bundle") == "shipped" and "call" in c]
+        assert len(cases) >= 20
+        engine = EmbeddedEngine.from_bundle(load_bundle(ROOT / "rego", ROOT / "policies"), memo_size=0)
+        for case in cases:
+            doc = full_input(case["call"])
+            ours = engine.compiled.decide(doc).to_dict()
+            req = urllib.request.Request(f"{url}/v1/data/regate/decision?provenance=true&strict-builtin-errors=true",
+                                         data=orjson.dumps({"input": doc}),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                answer = json.load(r)
+            assert [b["revision"] for b in answer["provenance"]["bundles"].values()] == ["readme-rev"]
+            try:
+                theirs = parse_decision(answer["result"], from_json=True).to_dict()
+            except DecisionError as exc:
+                raise AssertionError(f"{case['name']}: {exc}") from None
+            assert ours == theirs, case["name"]
+    finally:
+        opa.terminate()
+        opa.wait(10)
 
 
 # --- the differential run ----------------------------------------------------------

@@ -97,6 +97,9 @@ class BundleService(BundleSource):
         self.last_error_at: float | None = None
         self.consecutive_errors = 0
         self.persist_error: str | None = None
+        self._pending: tuple[str, str | None] = ("server", None)  # (from, etag) of the bundle being installed
+        # A kept bundle that cannot be used must not stop Regate starting: the server may have a good one.
+        self.required = False
         self.polls = {"activated": 0, "not_modified": 0, "error": 0}
         self._session: Any = None
         self._task: asyncio.Task | None = None
@@ -128,11 +131,9 @@ class BundleService(BundleSource):
             meta = orjson.loads((self.persist_dir / PERSISTED_META).read_bytes())
         except (OSError, orjson.JSONDecodeError):
             meta = {}
-        self.etag = meta.get("etag") if isinstance(meta.get("etag"), str) else None
-        self.revision = bundle.revision
-        self.active_from = "disk"
-        self.last_activation = self.clock()
-        log.info("bundle: serving the last good bundle kept in %s (revision %s) until %s answers",
+        # Recorded when the engine puts it in force (_activated), not before: it may refuse it.
+        self._pending = ("disk", meta.get("etag") if isinstance(meta.get("etag"), str) else None)
+        log.info("bundle: the last good bundle kept in %s (revision %s) serves until %s answers",
                  path, bundle.revision, self.url)
         return bundle
 
@@ -147,6 +148,18 @@ class BundleService(BundleSource):
     def attach(self, engine: Any) -> None:
         """The engine whose bundle this service keeps current (``engine.install``)."""
         self.engine = engine
+        engine.bundle_hooks.append(self._activated)
+
+    def _activated(self, bundle: Bundle) -> Callable[[], None]:
+        """Bundle hook: what the status says once a bundle (from disk or the server) is in force."""
+        source, etag = self._pending
+
+        def commit() -> None:
+            self.revision = bundle.revision
+            self.active_from = source
+            self.etag = etag
+            self.last_activation = self.clock()
+        return commit
 
     async def start(self) -> None:
         import aiohttp
@@ -210,6 +223,15 @@ class BundleService(BundleSource):
                     return False
                 raw, etag = fetched
                 bundle = await asyncio.to_thread(read_bundle_tarball, raw, self.url, signing=self.signing)
+                current = self.engine.bundle
+                if current is not None and (current.digest, current.revision) == (bundle.digest, bundle.revision):
+                    # The same bundle again (a server without ETags): nothing to swap, the
+                    # decision cache and the worker processes stay as they are.
+                    self.etag = etag
+                    self.polls["not_modified"] += 1
+                    self._poll_ok()
+                    return False
+                self._pending = ("server", etag)
                 revision = self.engine.install(bundle)  # compiled aside, swapped in one step
             except BundleFetchError as exc:
                 self._poll_failed(str(exc))
@@ -217,10 +239,6 @@ class BundleService(BundleSource):
             except BundleError as exc:
                 self._poll_failed("the bundle was refused: " + "; ".join(exc.problems))
                 raise
-            self.etag = etag
-            self.revision = revision
-            self.active_from = "server"
-            self.last_activation = self.clock()
             self.polls["activated"] += 1
             self._poll_ok()
             log.info("bundle: revision %s from %s is in force", revision, self.url)

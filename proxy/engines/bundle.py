@@ -317,7 +317,12 @@ def _yaml_mapping(loader: yaml.Loader, node: yaml.MappingNode) -> dict:
 
 def _go_float_key(x: float) -> str:
     """strconv.FormatFloat(x, 'g', -1, 32): how sigs.k8s.io/yaml spells a float key."""
-    f32 = struct.unpack("f", struct.pack("f", x))[0]
+    try:
+        f32 = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        f32 = math.copysign(math.inf, x)
+    if math.isinf(f32):  # past float32: Go's +Inf, which sigs.k8s.io/yaml writes .inf
+        return ".inf" if f32 > 0 else "-.inf"
     if f32 == 0:
         return "0"
     for digits in range(1, 10):
@@ -931,6 +936,9 @@ def _member_path(name: str) -> str | None:
 
 class BundleSource:
     """Where an engine reads its bundle from on start and on reload (blocking: run it in a thread)."""
+
+    #: A bundle that fails to load at start stops Regate; False: start without one and wait.
+    required = True
 
     def load(self, *, include_tests: bool = False) -> Bundle:  # pragma: no cover - interface
         raise NotImplementedError

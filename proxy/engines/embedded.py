@@ -925,6 +925,13 @@ class EmbeddedEngine:
                 # readiness says why until the bundle service delivers a bundle.
                 self.unloaded_reason = str(exc)
                 log.warning("policy: %s", exc)
+            except BundleError as exc:
+                if getattr(self.source, "required", True):
+                    raise
+                # A bundle service's kept bundle that no longer loads: wait for the server.
+                self.unloaded_reason = f"no policy bundle yet: the kept bundle is refused ({exc.problems[0]})"
+                log.error("policy: the kept bundle from %s is refused, waiting for the server:\n%s",
+                          self.source, exc)
         elif self.pool is not None:
             self.pool.prepare(self._compiled)
 

@@ -1,6 +1,6 @@
 """Policy: build the input document, ask the engine, apply the decision.
 
-The input document is the stable, versioned contract of DESIGN.md. Credentials
+The input document is the stable, versioned contract of README.md ("The input document"). Credentials
 never enter it. The decision is parsed strictly (engines/decision.py); an engine
 that errs, times out or answers oddly means Regate cannot decide, and the call
 is refused with `policy_error` — unless the tool says `fail_open: true`, which
