@@ -31,6 +31,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _repeated(values: list[str]) -> list[str]:
+    """The values given more than once, sorted: for "listed twice" errors."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 def _host_port(value: str, field: str) -> tuple[str, int]:
     if not isinstance(value, str):
         # `listen: 8080` is a YAML number: say what to write, not pydantic's "valid string".
@@ -203,8 +208,7 @@ class Admin(_Section):
 
     @model_validator(mode="after")
     def _unique_operators(self) -> "Admin":
-        names = [t.name for t in self.tokens]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = _repeated([t.name for t in self.tokens])
         if dup:
             raise ValueError(f"admin.tokens: duplicate names {dup!r}: each operator has one name")
         return self
@@ -636,8 +640,7 @@ class JwtAuth(_Section):
 
     @model_validator(mode="after")
     def _unique_issuers(self) -> "JwtAuth":
-        seen = [i.issuer for i in self.issuers]
-        dup = sorted({i for i in seen if seen.count(i) > 1})
+        dup = _repeated([i.issuer for i in self.issuers])
         if dup:
             raise ValueError(f"auth.jwt.issuers: {dup!r} listed twice; one entry per issuer")
         return self

@@ -66,20 +66,31 @@ def _dotted(ref: dict) -> str:
     return ".".join(reversed(parts))
 
 
-def run_policy_tests(rego_dir: str | Path, data_dir: str | Path | None, *,
-                     out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
+def _engine_with_modules(rego_dir: str | Path, data_dir: str | Path | None, err: TextIO, *,
+                         include_tests: bool = False) -> "tuple[regorus.Engine, Any] | None":
+    """A regorus engine holding the bundle's modules (no data yet) and the bundle; None
+    once the problems that stop it are printed to `err`."""
     try:
-        bundle = load_bundle(rego_dir, data_dir, include_tests=True)
+        bundle = load_bundle(rego_dir, data_dir, include_tests=include_tests)
     except BundleError as exc:
         _print_problems(exc.problems, err)
-        return 2
+        return None
     engine = regorus.Engine()
     problems = add_modules(engine, bundle.modules)
     if problems:
         _print_problems(problems, err)
+        return None
+    return engine, bundle
+
+
+def run_policy_tests(rego_dir: str | Path, data_dir: str | Path | None, *,
+                     out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    loaded = _engine_with_modules(rego_dir, data_dir, err, include_tests=True)
+    if loaded is None:
         return 2
+    engine, bundle = loaded
     ast_json = engine.get_ast_as_json()
     problems = missing_builtins(scan_modules(ast_json, skip_tests=False))
     if problems:
@@ -205,16 +216,10 @@ def query_policy(rego_dir: str | Path, data_dir: str | Path | None, query: str, 
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=err)
             return 2
-    try:
-        bundle = load_bundle(rego_dir, data_dir)
-    except BundleError as exc:
-        _print_problems(exc.problems, err)
+    loaded = _engine_with_modules(rego_dir, data_dir, err)
+    if loaded is None:
         return 2
-    engine = regorus.Engine()
-    problems = add_modules(engine, bundle.modules)
-    if problems:
-        _print_problems(problems, err)
-        return 2
+    engine, bundle = loaded
     engine.add_data_json(bundle.data_json)
     if input_doc is not None:
         engine.set_input_json(orjson.dumps(input_doc).decode())
